@@ -1,0 +1,133 @@
+"""The daemon, top to bottom: lock → services → socket → signals → serve → shutdown.
+
+A daemon stop never touches containers: they belong to their monitors and
+outlive the daemon; the next start finds them again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+from pathlib import Path
+
+import grpc
+
+from api import api_pb2
+from cri import __version__, tracing
+from cri.boundary import Gate, service_handler
+from cri.config import Config
+from cri.fsutil import PidLock
+from imageservice.service import ImageService
+from runtimeservice.service import RuntimeService
+
+log = logging.getLogger(__name__)
+
+
+class StartupError(Exception):
+    """The daemon cannot start; the message says why."""
+
+
+class Daemon:
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.socket = Path(cfg.api.listen)
+        self.locks = [PidLock(Path(cfg.runroot) / "crib.lock"),
+                      PidLock(Path(cfg.root) / "crib.lock")]
+        self.gate = Gate()
+        self.stopping = asyncio.Event()
+        self.server: grpc.aio.Server | None = None
+        self.runtime = RuntimeService(cfg)
+        self.images = ImageService(cfg)
+
+    def _lock(self) -> None:
+        from cri.fsutil import LockHeld
+
+        for lock in self.locks:
+            try:
+                lock.acquire()
+            except LockHeld as exc:
+                self._unlock()
+                raise StartupError(
+                    f"another crib daemon (pid {exc.holder or '?'}) is using this root/runroot: "
+                    f"{exc.path} is locked") from None
+
+    def _unlock(self) -> None:
+        for lock in self.locks:
+            lock.release()
+
+    async def _bind(self) -> None:
+        self.socket.parent.mkdir(parents=True, exist_ok=True)
+        # We hold the lock, so a socket file here is a stale one from a crash.
+        with contextlib.suppress(FileNotFoundError):
+            self.socket.unlink()
+        server = grpc.aio.server(options=[
+            ("grpc.max_receive_message_length", self.cfg.api.max_recv_msg_size),
+            ("grpc.max_send_message_length", self.cfg.api.max_send_msg_size),
+        ])
+        runtime_desc = api_pb2.DESCRIPTOR.services_by_name["RuntimeService"]
+        image_desc = api_pb2.DESCRIPTOR.services_by_name["ImageService"]
+        server.add_generic_rpc_handlers((
+            service_handler(runtime_desc, self.runtime, self.gate),
+            service_handler(image_desc, self.images, self.gate),
+        ))
+        # Create the socket without group/other bits, then open it to the group.
+        old = os.umask(0o177)
+        try:
+            if server.add_insecure_port(f"unix://{self.socket}") == 0:
+                raise StartupError(f"cannot listen on {self.socket}")
+            await server.start()
+        finally:
+            os.umask(old)
+        os.chmod(self.socket, 0o660)
+        self.server = server
+
+    def _signals(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._on_stop_signal, sig)
+
+    def _on_stop_signal(self, sig: signal.Signals) -> None:
+        log.info("received %s, shutting down", sig.name)
+        self.stopping.set()
+
+    async def run(self) -> None:
+        self._lock()
+        try:
+            for d in (self.cfg.root, self.cfg.runroot):
+                Path(d).mkdir(parents=True, exist_ok=True, mode=0o711)
+            tracing.setup(self.cfg.tracing)
+            self._signals()
+            await self._bind()
+            log.info("crib %s serving CRI on %s", __version__, self.socket)
+            await self.runtime.start()
+            await self.images.start()
+            self.gate.ready.set()
+            log.info("ready")
+            await self.stopping.wait()
+            await self._shutdown()
+        finally:
+            tracing.shutdown()
+            with contextlib.suppress(FileNotFoundError):
+                if self.server is not None:
+                    self.socket.unlink()
+            self._unlock()
+
+    async def _shutdown(self) -> None:
+        if self.server is None:
+            return
+        grace = self.cfg.api.shutdown_grace
+        log.info("stopping the gRPC server (grace %.0fs)", grace)
+        await self.server.stop(grace)
+        log.info("stopped")
+
+
+def serve(cfg: Config) -> int:
+    try:
+        asyncio.run(Daemon(cfg).run())
+    except StartupError as exc:
+        log.error("%s", exc)
+        return 1
+    return 0

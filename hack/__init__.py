@@ -1,0 +1,1 @@
+"""Developer and test tooling for crib (test images, local registry, benchmarks)."""
