@@ -1,0 +1,64 @@
+"""The pod sandbox record and its states.
+
+    RunPodSandbox           StopPodSandbox            RemovePodSandbox
+  ───────────────► CREATING ─────► READY ─────────────► NOTREADY ─────────► (gone)
+                      │                                    ▲
+                      └── crash/failure: unwound at start ─┘ (never listed)
+
+CREATING is written before the first resource is made, so a daemon killed in
+the middle of RunPodSandbox finds the record at start and removes everything
+the sandbox may own (every step's undo is idempotent). A CREATING sandbox is
+never returned to clients.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+from api import api_pb2
+
+
+class SandboxState(StrEnum):
+    CREATING = "creating"
+    READY = "ready"
+    NOTREADY = "notready"
+
+
+@dataclass(frozen=True)
+class SandboxRecord:
+    id: str
+    config: bytes  # the PodSandboxConfig as the kubelet sent it
+    runtime_handler: str
+    created_at: int  # ns since the epoch
+    state: SandboxState
+    fingerprint: str  # of the RunPodSandbox request, for idempotent retries
+    ns_dir: str  # where the pinned namespaces live (runroot)
+    pod_dir: str  # resolv.conf, hosts, hostname (root)
+    shm: str  # the pod's /dev/shm mount point, "" with host IPC
+    cgroup: str  # the pod cgroup's path in each hierarchy
+    cgroup_runc: str  # the same for an OCI config's cgroupsPath
+    netns: str = ""  # pinned network namespace, "" with host network
+    ipcns: str = ""
+    utsns: str = ""
+    ips: tuple[str, ...] = ()
+    network_attached: bool = False  # CNI ADD done and not yet undone by DEL
+    infra_pid: int = 0
+
+    def pod_config(self) -> api_pb2.PodSandboxConfig:
+        return api_pb2.PodSandboxConfig.FromString(self.config)
+
+    @property
+    def metadata(self) -> api_pb2.PodSandboxMetadata:
+        return self.pod_config().metadata
+
+    @property
+    def cri_state(self) -> int:
+        if self.state is SandboxState.READY:
+            return api_pb2.PodSandboxState.SANDBOX_READY
+        return api_pb2.PodSandboxState.SANDBOX_NOTREADY
+
+
+def reservation_name(meta: api_pb2.PodSandboxMetadata) -> str:
+    """The pod name the CRI makes unique: namespace, name, uid and attempt."""
+    return f"{meta.name}_{meta.namespace}_{meta.uid}_{meta.attempt}"
