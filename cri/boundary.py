@@ -25,7 +25,7 @@ from google.protobuf import descriptor, message
 from opentelemetry.trace import Status, StatusCode
 
 from api import api_pb2
-from cri import logs, tracing
+from cri import logs, metrics, tracing
 from cri.errors import CribError, InvalidArgument, Unavailable, Unimplemented
 
 log = logging.getLogger("cri.rpc")
@@ -117,6 +117,8 @@ class _Call:
 
     def fail(self, exc: BaseException) -> tuple[grpc.StatusCode, str]:
         code, msg = _status_for(exc, self.name)
+        if metrics.ENABLED:
+            metrics.observe_rpc(self.name, code.name, time.monotonic() - self.started)
         if isinstance(exc, CribError):
             level = logging.DEBUG if isinstance(exc, Unimplemented) else logging.INFO
             log.log(level, "failed %s: %s", code.name, msg)
@@ -125,6 +127,8 @@ class _Call:
         return code, msg
 
     def done(self) -> None:
+        if metrics.ENABLED:
+            metrics.observe_rpc(self.name, "OK", time.monotonic() - self.started)
         if log.isEnabledFor(self.level):
             log.log(self.level, "ok in %.1f ms", (time.monotonic() - self.started) * 1000)
 

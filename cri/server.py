@@ -16,9 +16,10 @@ from pathlib import Path
 import grpc
 
 from api import api_pb2
-from cri import __version__, tracing
+from cri import __version__, metrics, tracing
 from cri.boundary import Gate, service_handler
 from cri.config import Config
+from cri.errors import CribError
 from cri.fsutil import PidLock
 from imageservice.service import ImageService
 from runtimeservice.service import RuntimeService
@@ -39,6 +40,7 @@ class Daemon:
         self.gate = Gate()
         self.stopping = asyncio.Event()
         self.server: grpc.aio.Server | None = None
+        self.metrics_server: metrics.MetricsServer | None = None
         self.runtime = RuntimeService(cfg)
         self.images = ImageService(cfg)
 
@@ -99,6 +101,12 @@ class Daemon:
             for d in (self.cfg.root, self.cfg.runroot):
                 Path(d).mkdir(parents=True, exist_ok=True, mode=0o711)
             tracing.setup(self.cfg.tracing)
+            if self.cfg.metrics.enabled:
+                try:
+                    self.metrics_server = await metrics.start_server(self.cfg.metrics.address)
+                except (OSError, CribError) as exc:
+                    raise StartupError(f"cannot serve metrics on {self.cfg.metrics.address}: "
+                                       f"{exc}") from None
             self._signals()
             await self._bind()
             log.info("crib %s serving CRI on %s", __version__, self.socket)
@@ -109,6 +117,8 @@ class Daemon:
             await self.stopping.wait()
             await self._shutdown()
         finally:
+            if self.metrics_server is not None:
+                await self.metrics_server.stop()
             tracing.shutdown()
             with contextlib.suppress(FileNotFoundError):
                 if self.server is not None:
