@@ -43,6 +43,7 @@ class Daemon:
         self.metrics_server: metrics.MetricsServer | None = None
         self.runtime = RuntimeService(cfg)
         self.images = ImageService(cfg)
+        self._reloads: set[asyncio.Task[None]] = set()
 
     def _lock(self) -> None:
         from cri.fsutil import LockHeld
@@ -90,10 +91,23 @@ class Daemon:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_stop_signal, sig)
+        loop.add_signal_handler(signal.SIGHUP, self._on_reload_signal)
 
     def _on_stop_signal(self, sig: signal.Signals) -> None:
         log.info("received %s, shutting down", sig.name)
         self.stopping.set()
+
+    def _on_reload_signal(self) -> None:
+        log.info("received SIGHUP, reloading the registries configuration")
+        task = asyncio.get_running_loop().create_task(self._reload())
+        self._reloads.add(task)
+        task.add_done_callback(self._reloads.discard)
+
+    async def _reload(self) -> None:
+        try:
+            await self.images.reload()
+        except Exception:
+            log.exception("reloading the registries configuration failed")
 
     async def run(self) -> None:
         self._lock()
@@ -131,6 +145,7 @@ class Daemon:
         grace = self.cfg.api.shutdown_grace
         log.info("stopping the gRPC server (grace %.0fs)", grace)
         await self.server.stop(grace)
+        self.images.close()
         log.info("stopped")
 
 

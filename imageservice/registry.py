@@ -37,7 +37,7 @@ import logging
 import os
 from collections.abc import Callable
 from contextlib import closing
-from typing import BinaryIO
+from typing import Protocol
 
 import requests
 import urllib3
@@ -98,6 +98,12 @@ __all__ = [
 
 MAX_MANIFEST_BYTES = 4 << 20
 CHUNK = 128 << 10
+
+
+class Sink(Protocol):
+    """Where blob bytes go: a binary file, a BytesIO, the content store's Ingest."""
+
+    def write(self, data: bytes, /) -> object: ...
 
 
 class _Dropped(Exception):
@@ -277,7 +283,7 @@ class Repository:
         self,
         digest: str,
         size: int | None,
-        dest: str | os.PathLike[str] | BinaryIO,
+        dest: str | os.PathLike[str] | Sink,
         *,
         cancel: CancelCheck = None,
         progress: Callable[[int], None] | None = None,
@@ -306,7 +312,7 @@ class Repository:
         self,
         digest: str,
         size: int | None,
-        out: BinaryIO,
+        out: Sink,
         cancel: CancelCheck,
         progress: Callable[[int], None] | None,
     ) -> None:
@@ -333,7 +339,7 @@ class Repository:
         self,
         digest: str,
         size: int | None,
-        out: BinaryIO,
+        out: Sink,
         cancel: CancelCheck,
         progress: Callable[[int], None] | None,
     ) -> None:

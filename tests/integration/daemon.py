@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -126,3 +127,98 @@ def pid_alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+# ---------------------------------------------------------------- pod networking
+
+
+@dataclass
+class PodNet:
+    """A CNI network for sandbox tests: its own bridge, subnet, IPAM store and plugins dir."""
+
+    conf_dir: Path
+    plugin_dir: Path
+    ipam: Path
+    name: str = "cribtest-sb"
+    bridge: str = "cribtest1"
+    subnet: str = "10.199.1.0/24"
+
+    def write(self, extra_plugins: list[dict[str, object]] | None = None) -> None:
+        """Write the conflist: bridge + host-local, any extra plugins, then portmap."""
+        from runtimeservice import cni
+
+        conf = cni.default_conflist(self.subnet, self.bridge, data_dir=self.ipam, name=self.name)
+        plugins = conf["plugins"]
+        conf["plugins"] = [plugins[0], *(extra_plugins or []), *plugins[1:]]
+        self.conf_dir.mkdir(parents=True, exist_ok=True)
+        self.plugin_dir.mkdir(parents=True, exist_ok=True)
+        (self.conf_dir / "10-cribtest.conflist").write_text(json.dumps(conf))
+
+    def allocated(self) -> list[str]:
+        """IPs host-local has handed out and not released."""
+        d = self.ipam / self.name
+        return sorted(p.name for p in d.iterdir() if p.name[0].isdigit()) if d.is_dir() else []
+
+    def veths(self) -> list[str]:
+        out = subprocess.run(["ip", "-o", "link", "show", "master", self.bridge],
+                             capture_output=True, text=True).stdout
+        return [line.split(":")[1].strip() for line in out.splitlines() if line.strip()]
+
+    def nat_rules(self) -> list[str]:
+        prefix = self.subnet.rsplit(".", 1)[0] + "."
+        out = subprocess.run(["iptables-save", "-t", "nat"], capture_output=True,
+                             text=True).stdout
+        return [line for line in out.splitlines() if prefix in line]
+
+
+def pod_daemon(base: Path, net: PodNet, extra_config: str = "") -> Daemon:
+    """A daemon (not started) whose config points at `net`."""
+    d = new_daemon(base)
+    d.config.write_text(
+        "[network]\n"
+        f"cni_conf_dir = '{net.conf_dir}'\n"
+        f"cni_plugin_dirs = ['{net.plugin_dir}', '/usr/lib/cni']\n" + extra_config)
+    return d
+
+
+def mounts_under(root: Path) -> list[str]:
+    with open("/proc/self/mountinfo") as fh:
+        points = [line.split()[4] for line in fh]
+    return [p for p in points if p == str(root) or p.startswith(f"{root}/")]
+
+
+def private_roots(d: Daemon) -> list[Path]:
+    """Directories crib bind-mounts onto themselves (private propagation), once per runroot."""
+    return [d.runroot / "ns", d.runroot / "pods"]
+
+
+def release_private_roots(d: Daemon) -> None:
+    from runtimeservice import namespaces
+
+    for root in private_roots(d):
+        namespaces.release_root(root)
+
+
+def sandbox_leftovers(d: Daemon, net: PodNet, cgroup_parent: str) -> list[str]:
+    """Everything a removed sandbox could leave behind, as readable strings."""
+    from runtimeservice import cgroups
+
+    found: list[str] = []
+    allowed = {str(p) for p in private_roots(d)}
+    found += [f"mount {m}" for m in mounts_under(d.base) if m not in allowed]
+    for parent in (d.runroot / "ns", d.runroot / "pods", d.root / "pods"):
+        if parent.is_dir():
+            found += [f"directory {p}" for p in parent.iterdir()]
+    if (d.root / "sandboxes").is_dir():
+        found += [f"record {p}" for p in (d.root / "sandboxes").glob("*.json")]
+    runc_state = d.runroot / "runtimes" / "runc"
+    if runc_state.is_dir():
+        found += [f"runc state {p}" for p in runc_state.iterdir()]
+    found += [f"veth {v}" for v in net.veths()]
+    found += [f"IP {ip}" for ip in net.allocated()]
+    found += [f"nat rule {r}" for r in net.nat_rules()]
+    for h in cgroups.detect().hierarchies():
+        top = h / cgroup_parent.strip("/")
+        if top.is_dir():
+            found += [f"cgroup {p}" for p in top.iterdir() if p.is_dir()]
+    return found
