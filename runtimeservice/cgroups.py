@@ -430,6 +430,21 @@ class CgroupManager:
         """
         await asyncio.to_thread(self._create_sync, path, resources)
 
+    def _add_pid_sync(self, path: str, pid: int) -> None:
+        rel = path.strip("/")
+        for hierarchy in self.layout.hierarchies():
+            self._make_dirs(hierarchy, rel, [])
+            target = hierarchy / rel if rel else hierarchy
+            try:
+                _write(target, "cgroup.procs", str(pid))
+            except InvalidArgument as exc:
+                raise Internal(f"cannot move pid {pid} into cgroup {target}: {exc}") from None
+
+    async def add_pid(self, path: str, pid: int) -> None:
+        """Move `pid` into cgroup `path` in every hierarchy, creating it where needed
+        (a new v1 cpuset level inherits its parent's cpus and mems)."""
+        await asyncio.to_thread(self._add_pid_sync, path, pid)
+
     async def update(self, path: str, resources: CgroupResources) -> None:
         """Change the limits of an existing cgroup."""
         _check_resources(resources)
@@ -580,6 +595,11 @@ class CgroupManager:
 
     async def stats(self, path: str) -> CgroupStats:
         return await asyncio.to_thread(self._stats_sync, path)
+
+    def read_stats(self, path: str) -> CgroupStats:
+        """`stats` without the thread hop, for callers already off the event loop
+        (reading many cgroups in one worker thread)."""
+        return self._stats_sync(path)
 
     def _oom_sync(self, path: str) -> int:
         d = self._dir("memory", path)

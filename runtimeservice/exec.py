@@ -35,7 +35,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from cri.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound
-from runtimeservice.oci import OciRuntime, runtime_error_message
+from runtimeservice.oci import OciRuntime
+from runtimeservice.ocierrors import runtime_error_message
 
 log = logging.getLogger(__name__)
 

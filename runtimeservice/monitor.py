@@ -11,12 +11,9 @@ line on the sync pipe: `{"data": <container pid>}` (`"pid"` without
 failed.
 
 Files conmon leaves (what this module reads):
-- `<exit_dir>/<container id>`: the exit code, written (by rename) when the
-  container exits; its mtime is the finish time. This is the ONE exit mechanism:
-  `ExitWatcher` watches the directory (inotify, or polling as a fallback) and
-  `read_exit` reads it during start-up recovery.
-- `<persist_dir>/exit` (same code) and `<persist_dir>/oom` (after an OOM kill
-  that conmon saw through the memory cgroup's eventfd / memory.events).
+- `<exit_dir>/<container id>`, `<persist_dir>/exit` and `<persist_dir>/oom`:
+  how the container ended (see `exitwatch.py`, the one exit mechanism;
+  `Monitor.read_exit` reads them for one container).
 - `<bundle>/ctl`: a FIFO taking `<type> <height> <width>\\n` lines; type 1 is a
   window resize, type 2 makes conmon reopen (truncate-and-rename) its log file.
 - `<socket_dir>/<container id>` → `<bundle>` symlink and, inside, the `attach`
@@ -32,7 +29,8 @@ the 108-byte limit), `--syslog` (conmon's own messages are not needed: create
 errors come back on the sync pipe).
 
 cgroup placement: conmon goes into ONE shared cgroup (`MonitorConfig.
-conmon_cgroup`, default `/crib-conmon`, in every mounted hierarchy), not into
+conmon_cgroup`, default `/crib-conmon`, in every hierarchy, joined through
+`cgroups.CgroupManager.add_pid`), not into
 the pod's: a pod hitting its memory limit or being frozen must not take its
 monitor with it, and a shared cgroup needs no per-container cleanup.
 """
@@ -41,21 +39,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
-import inspect
 import json
 import logging
 import os
-import re
 import signal
-import struct
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import BinaryIO
 
 from cri.errors import DeadlineExceeded, FailedPrecondition, Internal, InvalidArgument
-from runtimeservice.oci import CgroupManager, OciRuntime
+from runtimeservice.cgroups import CgroupDriver, CgroupManager, detect
+from runtimeservice.exitwatch import ExitInfo, read_exit_file
+from runtimeservice.oci import OciRuntime
 
 log = logging.getLogger(__name__)
 
@@ -66,9 +62,6 @@ ATTACH_PIPE_STDOUT = 2
 ATTACH_PIPE_STDERR = 3
 CTL_REOPEN_LOGS = 2
 # What CRI-O reports when the monitor vanished without leaving an exit code.
-UNKNOWN_EXIT_CODE = 255
-REASON_MONITOR_LOST = "ContainerStatusUnknown"
-
 
 @dataclass(frozen=True)
 class MonitorConfig:
@@ -112,20 +105,20 @@ class MonitoredContainer:
     conmon_pid: int
 
 
-@dataclass(frozen=True)
-class ExitInfo:
-    exit_code: int
-    finished_at_ns: int
-    oom_killed: bool = False
-    reason: str = ""
-    message: str = ""
-
-
 class Monitor:
     """Starts conmon for containers of any runtime handler and talks to it."""
 
-    def __init__(self, config: MonitorConfig) -> None:
+    def __init__(self, config: MonitorConfig, cgroups: CgroupManager | None = None) -> None:
         self.config = config
+        self._cgroups = cgroups
+        self._cgroup_lock = asyncio.Lock()  # joining vs. removing the shared conmon cgroup
+
+    @property
+    def cgroups(self) -> CgroupManager:
+        """Where conmon's cgroup is made (the host's layout unless one was given)."""
+        if self._cgroups is None:
+            self._cgroups = CgroupManager(detect(Path(self.config.cgroup_root)))
+        return self._cgroups
 
     # ---- paths ----
 
@@ -159,7 +152,7 @@ class Monitor:
         ]
         for arg in runtime.monitor_runtime_args():
             argv += ["--runtime-arg", arg]
-        if runtime.cgroup_manager is CgroupManager.SYSTEMD:
+        if runtime.cgroup_driver is CgroupDriver.SYSTEMD:
             argv.append("--systemd-cgroup")
         if self.config.log_size_max > 0:
             argv += ["--log-size-max", str(self.config.log_size_max)]
@@ -202,9 +195,8 @@ class Monitor:
                 os.close(start_r)
                 os.close(sync_w)
             if self.config.conmon_cgroup:
-                await asyncio.to_thread(
-                    join_cgroup, proc.pid, self.config.conmon_cgroup, self.config.cgroup_root
-                )
+                async with self._cgroup_lock:
+                    await self.cgroups.add_pid(self.config.conmon_cgroup, proc.pid)
             os.write(start_w, b"0")  # conmon may now fork and run the runtime
             os.close(start_w)
             start_w = -1
@@ -309,6 +301,21 @@ class Monitor:
             os.path.join(spec.persist_dir, "exit"), os.path.join(spec.persist_dir, "oom"),
         ])
 
+    async def release_cgroup(self) -> bool:
+        """Remove the shared conmon cgroup if no monitor is left in it (so an idle
+        daemon leaves no cgroup behind); True when it is gone."""
+        path = self.config.conmon_cgroup
+        if not path:
+            return True
+        async with self._cgroup_lock:
+            if await self.cgroups.pids(path):
+                return False
+            try:
+                await self.cgroups.remove(path)
+            except FailedPrecondition:  # a monitor arrived from outside our lock
+                return False
+        return True
+
     async def cleanup(self, container_id: str, bundle: str, persist_dir: str) -> None:
         """Remove what conmon left for a container (call after the runtime delete)."""
         paths = [
@@ -321,14 +328,18 @@ class Monitor:
 
     # ---- control ----
 
-    async def reopen_log(self, container_id: str, log_path: str) -> None:
+    async def reopen_log(self, container_id: str, log_path: str, conmon_pid: int = 0) -> None:
         """Make conmon reopen `log_path` (after it was renamed away), and wait
-        until the new file is there."""
+        until the new file is there. With `conmon_pid`, a monitor that dies
+        meanwhile ends the wait at once (FailedPrecondition)."""
         await asyncio.to_thread(
-            self._reopen_blocking, container_id, log_path, self.config.reopen_timeout
+            self._reopen_blocking, container_id, log_path, self.config.reopen_timeout,
+            conmon_pid,
         )
 
-    def _reopen_blocking(self, container_id: str, log_path: str, timeout: float) -> None:
+    def _reopen_blocking(
+        self, container_id: str, log_path: str, timeout: float, conmon_pid: int
+    ) -> None:
         before = _file_key(log_path)
         exited = self.exit_file(container_id)
         stopped = FailedPrecondition(
@@ -344,6 +355,12 @@ class Monitor:
                 return
             if os.path.exists(exited):  # conmon exits without reading the FIFO
                 raise stopped
+            # A killed multi-threaded conmon may hold the FIFO open a moment
+            # after its main thread is gone: the write lands, nobody reads it.
+            if conmon_pid and not monitor_alive(conmon_pid, container_id):
+                raise FailedPrecondition(
+                    f"the monitor of container {container_id} is not running"
+                )
             time.sleep(0.005)
         raise DeadlineExceeded(
             f"conmon did not reopen the log {log_path} of container {container_id} "
@@ -378,186 +395,14 @@ class Monitor:
     def read_exit(self, container_id: str, persist_dir: str | None = None) -> ExitInfo | None:
         """The recorded exit of a container, or None while it has not exited."""
         path = self.exit_file(container_id)
-        info = _read_exit_file(path)
+        info = read_exit_file(path)
         if info is None and persist_dir:
-            info = _read_exit_file(os.path.join(persist_dir, "exit"))
+            info = read_exit_file(os.path.join(persist_dir, "exit"))
         if info is None:
             return None
         if persist_dir and os.path.exists(os.path.join(persist_dir, "oom")):
             info = ExitInfo(info.exit_code, info.finished_at_ns, oom_killed=True)
         return info
-
-
-ExitCallback = Callable[[str, int, int], Awaitable[None] | None]
-
-_IN_CLOSE_WRITE = 0x00000008
-_IN_MOVED_TO = 0x00000080
-_IN_DELETE = 0x00000200
-_IN_Q_OVERFLOW = 0x00004000
-_IN_NONBLOCK = 0o4000
-_IN_CLOEXEC = 0o2000000
-_EVENT = struct.Struct("iIII")
-# g_file_set_contents writes "<name>.XXXXXX" and renames it over <name>.
-_TEMP_NAME = re.compile(r"\.[A-Za-z0-9]{6}$")
-
-
-class ExitWatcher:
-    """Calls `callback(container_id, exit_code, finished_at_ns)` once for every
-    exit file that appears in the exit directory (and, on start, for those
-    already there). inotify when the kernel gives it, else a cheap poll."""
-
-    def __init__(self, exit_dir: str, callback: ExitCallback, poll_interval: float = 1.0) -> None:
-        self.exit_dir = exit_dir
-        self.callback = callback
-        self.poll_interval = poll_interval
-        self._seen: dict[str, tuple[int, int]] = {}
-        self._fd = -1
-        self._poller: asyncio.Task[None] | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._loop: asyncio.AbstractEventLoop | None = None
-
-    @property
-    def uses_inotify(self) -> bool:
-        return self._fd >= 0
-
-    async def start(self) -> None:
-        self._loop = asyncio.get_running_loop()
-        await asyncio.to_thread(os.makedirs, self.exit_dir, 0o700, True)
-        self._fd = _inotify_watch(self.exit_dir, _IN_CLOSE_WRITE | _IN_MOVED_TO | _IN_DELETE)
-        if self._fd >= 0:
-            self._loop.add_reader(self._fd, self._on_events)
-        else:
-            log.warning("inotify unavailable; polling %s every %gs", self.exit_dir,
-                        self.poll_interval)
-            self._poller = asyncio.create_task(self._poll())
-        self._scan()  # after the watch is set: nothing falls in between
-
-    async def close(self) -> None:
-        if self._fd >= 0 and self._loop is not None:
-            self._loop.remove_reader(self._fd)
-            os.close(self._fd)
-            self._fd = -1
-        if self._poller is not None:
-            self._poller.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._poller
-            self._poller = None
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
-
-    def forget(self, container_id: str) -> None:
-        """Drop what we remember of a container whose exit file was removed."""
-        self._seen.pop(container_id, None)
-
-    async def _poll(self) -> None:
-        while True:
-            await asyncio.sleep(self.poll_interval)
-            self._scan()
-
-    def _scan(self) -> None:
-        try:
-            names = os.listdir(self.exit_dir)
-        except FileNotFoundError:
-            return
-        for name in names:
-            if not _TEMP_NAME.search(name):
-                self._report(name)
-        for gone in set(self._seen) - set(names):
-            del self._seen[gone]
-
-    def _on_events(self) -> None:
-        while True:
-            try:
-                data = os.read(self._fd, 65536)
-            except BlockingIOError:
-                return
-            offset = 0
-            while offset + _EVENT.size <= len(data):
-                _wd, mask, _cookie, length = _EVENT.unpack_from(data, offset)
-                raw = data[offset + _EVENT.size : offset + _EVENT.size + length]
-                offset += _EVENT.size + length
-                name = raw.split(b"\0", 1)[0].decode(errors="surrogateescape")
-                if mask & _IN_Q_OVERFLOW:
-                    self._scan()
-                elif mask & _IN_DELETE:
-                    self._seen.pop(name, None)
-                elif _is_final_write(mask, name):
-                    self._report(name)
-
-    def _report(self, name: str) -> None:
-        path = os.path.join(self.exit_dir, name)
-        try:
-            st = os.stat(path)
-        except FileNotFoundError:
-            return
-        key = (st.st_ino, st.st_mtime_ns)
-        if self._seen.get(name) == key:
-            return
-        info = _read_exit_file(path)
-        if info is None:
-            return
-        self._seen[name] = key
-        try:
-            result = self.callback(name, info.exit_code, info.finished_at_ns)
-        except Exception:
-            log.exception("exit callback for %s failed", name)
-            return
-        if inspect.isawaitable(result):
-            task = asyncio.ensure_future(result)
-            self._tasks.add(task)
-            task.add_done_callback(self._task_done)
-
-    def _task_done(self, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("exit callback failed", exc_info=task.exception())
-
-
-def _is_final_write(mask: int, name: str) -> bool:
-    """A rename onto the final name, or a direct write of a non-temporary file."""
-    return bool(mask & _IN_MOVED_TO) or bool(
-        mask & _IN_CLOSE_WRITE and not _TEMP_NAME.search(name)
-    )
-
-
-def _inotify_watch(path: str, mask: int) -> int:
-    """An inotify fd watching `path`, or -1 when inotify is unavailable."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        fd = int(libc.inotify_init1(_IN_NONBLOCK | _IN_CLOEXEC))
-        if fd < 0:
-            return -1
-        if libc.inotify_add_watch(fd, os.fsencode(path), ctypes.c_uint32(mask)) < 0:
-            os.close(fd)
-            return -1
-        return fd
-    except (OSError, AttributeError):
-        return -1
-
-
-def _read_exit_file(path: str) -> ExitInfo | None:
-    try:
-        with open(path) as f:
-            text = f.read().strip()
-            mtime = os.fstat(f.fileno()).st_mtime_ns
-    except FileNotFoundError:
-        return None
-    try:
-        code = int(text)
-    except ValueError:
-        return None  # being written by someone other than conmon's atomic rename
-    return ExitInfo(exit_code=code, finished_at_ns=mtime)
-
-
-def lost_monitor_exit(container_id: str, conmon_pid: int) -> ExitInfo:
-    """The exit to record when conmon died without writing an exit file."""
-    return ExitInfo(
-        exit_code=UNKNOWN_EXIT_CODE,
-        finished_at_ns=time.time_ns(),
-        reason=REASON_MONITOR_LOST,
-        message=f"the monitor (conmon pid {conmon_pid}) of container {container_id} "
-        "is gone and left no exit code",
-    )
 
 
 def monitor_alive(conmon_pid: int, container_id: str | None = None) -> bool:
@@ -579,78 +424,6 @@ def monitor_alive(conmon_pid: int, container_id: str | None = None) -> bool:
             return container_id.encode() in f.read().split(b"\0")
     except (OSError, ValueError):
         return False
-
-
-def oom_killed(persist_dir: str, cgroup_check: object = None) -> bool:
-    """Whether the container was OOM-killed: conmon's `oom` file, or else the
-    caller's cgroup check (a callable returning bool, e.g. a bound
-    `memory_oom_kills(dir) > 0` evaluated before the cgroup is removed)."""
-    if os.path.exists(os.path.join(persist_dir, "oom")):
-        return True
-    if callable(cgroup_check):
-        return bool(cgroup_check())
-    return False
-
-
-def memory_oom_kills(memory_cgroup_dir: str) -> int:
-    """The `oom_kill` counter of a memory cgroup (v1 memory.oom_control or v2
-    memory.events); 0 when unreadable."""
-    for name in ("memory.events", "memory.oom_control"):
-        try:
-            with open(os.path.join(memory_cgroup_dir, name)) as f:
-                for line in f:
-                    key, _, value = line.partition(" ")
-                    if key == "oom_kill":
-                        return int(value)
-        except (OSError, ValueError):
-            continue
-    return 0
-
-
-def cgroup_mounts() -> list[tuple[str, str, frozenset[str]]]:
-    """(mount point, fs type, super options) of every cgroup hierarchy."""
-    mounts = []
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            left, _, right = line.partition(" - ")
-            fields, rfields = left.split(), right.split()
-            if len(rfields) >= 3 and rfields[0] in ("cgroup", "cgroup2"):
-                mounts.append((fields[4], rfields[0], frozenset(rfields[2].split(","))))
-    return mounts
-
-
-def join_cgroup(pid: int, path: str, cgroup_root: str = "/sys/fs/cgroup") -> None:
-    """Move `pid` into cgroup `path` (relative to each hierarchy's root) in every
-    mounted hierarchy under `cgroup_root`, creating it where needed."""
-    rel = path.strip("/")
-    for mount, fstype, opts in cgroup_mounts():
-        if not (mount == cgroup_root or mount.startswith(cgroup_root + "/")):
-            continue
-        target = os.path.join(mount, rel)
-        os.makedirs(target, exist_ok=True)
-        if fstype == "cgroup" and "cpuset" in opts:
-            _init_cpuset(mount, rel)
-        try:
-            with open(os.path.join(target, "cgroup.procs"), "w") as f:
-                f.write(str(pid))
-        except OSError as e:
-            raise Internal(f"cannot move conmon (pid {pid}) into cgroup {target}: {e}") from e
-
-
-def _init_cpuset(mount: str, rel: str) -> None:
-    """A new v1 cpuset cgroup is empty and refuses tasks: inherit cpus/mems."""
-    current = mount
-    for part in rel.split("/"):
-        parent, current = current, os.path.join(current, part)
-        for name in ("cpuset.cpus", "cpuset.mems"):
-            mine = os.path.join(current, name)
-            with open(mine) as f:
-                if f.read().strip():
-                    continue
-            with open(os.path.join(parent, name)) as f:
-                value = f.read().strip()
-            with open(mine, "w") as f:
-                f.write(value)
 
 
 def _file_key(path: str) -> tuple[int, int] | None:

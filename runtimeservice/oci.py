@@ -1,20 +1,15 @@
 """The one OCI runtime interface: a client for runc-compatible CLIs (runc, crun).
 
 An `OciRuntime` is one runtime handler: a name, a binary, a state root
-(`--root`) and a cgroup manager. Every method runs the binary once and turns a
+(`--root`) and a cgroup driver. Every method runs the binary once and turns a
 failure into a domain error whose message carries the runtime's own words
 (`exec: "nosuchcmd": executable file not found in $PATH`), never a bare exit
-status.
+status; `ocierrors.py` parses those words, the version and the features.
 
 Containers created for the CRI go through conmon (see `monitor.py`): conmon
 itself runs `<runtime> create`, so this class hands conmon the global arguments
 (`monitor_runtime_args`) instead of creating the container itself. `create`
 here is the conmon-less path, for containers that need no log or exit monitor.
-
-How the runtime reports errors: with `--log-format json` and no `--log`, runc
-and crun print JSON lines (`{"level": "error", "msg": ...}`) on stderr; with a
-`--log` file they write the JSON there and runc prints the bare message on
-stderr. `runtime_error_message` understands all three shapes (and logrus text).
 """
 
 from __future__ import annotations
@@ -25,7 +20,6 @@ import enum
 import json
 import logging
 import os
-import re
 import signal as signal_mod
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -33,7 +27,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cri.errors import (
-    AlreadyExists,
     CribError,
     DeadlineExceeded,
     FailedPrecondition,
@@ -41,20 +34,19 @@ from cri.errors import (
     InvalidArgument,
     NotFound,
 )
+from runtimeservice.cgroups import CgroupDriver
+from runtimeservice.ocierrors import (
+    CRUN_HYBRID_MARKER,
+    RuntimeFeatures,
+    RuntimeVersion,
+    classify_runtime_error,
+    parse_version,
+    runtime_error_message,
+)
 
 log = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT = 60.0
-
-# crun refuses hosts where cgroup v1 controllers sit beside a cgroup2 mount that
-# has controllers of its own ("hybrid" layout).
-CRUN_HYBRID_MARKER = "cgroups in hybrid mode not supported"
-
-
-class CgroupManager(enum.Enum):
-    CGROUPFS = "cgroupfs"
-    SYSTEMD = "systemd"
-
 
 class RuntimeFlavor(enum.Enum):
     """Which CLI dialect the binary speaks; the differences are small."""
@@ -81,141 +73,6 @@ class OciState:
     bundle: str
     created: str = ""
     annotations: Mapping[str, str] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class RuntimeVersion:
-    name: str
-    version: str
-    commit: str = ""
-    spec: str = ""
-
-
-@dataclass(frozen=True)
-class RuntimeFeatures:
-    """What `<runtime> features` says; absent when the runtime has no such command."""
-
-    mount_options: frozenset[str]
-    namespaces: frozenset[str]
-    cgroup_v1: bool
-    cgroup_v2: bool
-    seccomp: bool
-    idmap_mounts: bool
-    raw: Mapping[str, Any]
-
-    @property
-    def recursive_read_only(self) -> bool:
-        """The runtime understands `rro` (the kernel must also have mount_setattr)."""
-        return "rro" in self.mount_options
-
-    @property
-    def user_namespaces(self) -> bool:
-        """User namespaces with id-mapped mounts, as the CRI feature means it."""
-        return "user" in self.namespaces and self.idmap_mounts
-
-    @classmethod
-    def parse(cls, raw: Mapping[str, Any]) -> RuntimeFeatures:
-        linux = raw.get("linux") or {}
-        cgroup = linux.get("cgroup") or {}
-        idmap = ((linux.get("mountExtensions") or {}).get("idmap") or {}).get("enabled")
-        return cls(
-            mount_options=frozenset(raw.get("mountOptions") or ()),
-            namespaces=frozenset(linux.get("namespaces") or ()),
-            cgroup_v1=bool(cgroup.get("v1")),
-            cgroup_v2=bool(cgroup.get("v2")),
-            seccomp=bool((linux.get("seccomp") or {}).get("enabled")),
-            idmap_mounts=bool(idmap),
-            raw=raw,
-        )
-
-
-_LOGRUS_MSG = re.compile(r'(?:^|\s)msg="((?:[^"\\]|\\.)*)"')
-_LOGRUS_LEVEL = re.compile(r"(?:^|\s)level=(\w+)")
-
-
-def runtime_error_message(*outputs: str) -> str:
-    """Extract the runtime's error text from its stderr and/or JSON log.
-
-    Error/fatal JSON or logrus entries win; otherwise the last non-empty plain
-    line. Returns "" when there is nothing to say.
-    """
-    errors: list[str] = []
-    plain: list[str] = []
-    for text in outputs:
-        for line in text.splitlines():
-            line = line.strip()
-            if not line:
-                continue
-            if line.startswith("{"):
-                try:
-                    entry = json.loads(line)
-                except ValueError:
-                    plain.append(line)
-                    continue
-                if isinstance(entry, dict):
-                    if str(entry.get("level", "error")) in ("error", "fatal", "panic"):
-                        errors.append(str(entry.get("msg", "")).strip())
-                    continue
-            match = _LOGRUS_MSG.search(line)
-            if match and line.startswith("time="):
-                level = _LOGRUS_LEVEL.search(line)
-                if level is None or level.group(1) in ("error", "fatal", "panic"):
-                    errors.append(_unescape_logrus(match.group(1)).strip())
-                continue
-            plain.append(line)
-    candidates = [e for e in errors if e] or plain
-    # De-duplicate while keeping order (runc may say the same thing twice).
-    seen: list[str] = []
-    for c in candidates:
-        if c not in seen:
-            seen.append(c)
-    return "; ".join(seen[-2:])
-
-
-def _unescape_logrus(value: str) -> str:
-    try:
-        return str(json.loads(f'"{value}"'))
-    except ValueError:
-        return value
-
-
-def classify_runtime_error(message: str, state_root: str = "") -> type[CribError]:
-    """Map a runtime's error text to the domain error that describes it best.
-
-    "Missing" is NotFound only when it is the container that is missing (runc:
-    "container does not exist"; crun: a missing file under its state root), not
-    a missing bundle file or executable.
-    """
-    lowered = message.lower()
-    if "container does not exist" in lowered:
-        return NotFound
-    if state_root and "no such file or directory" in lowered and state_root in message:
-        return NotFound
-    if "already exists" in lowered:
-        return AlreadyExists
-    if "executable file not found" in lowered or (
-        'exec: "' in lowered and ("no such file" in lowered or "permission denied" in lowered)
-    ):
-        return InvalidArgument  # the command asked for cannot be run
-    if CRUN_HYBRID_MARKER in lowered:
-        return FailedPrecondition
-    precondition = (
-        "not running",
-        "process already finished",
-        "not stopped",
-        "already running",
-        "cannot start",
-        "cannot exec",
-        "cannot delete",
-        "is paused",
-        "not paused",
-        "container has stopped",
-    )
-    if any(p in lowered for p in precondition):
-        return FailedPrecondition
-    if "json: cannot unmarshal" in lowered or "invalid argument" in lowered:
-        return InvalidArgument
-    return Internal
 
 
 def signal_name(sig: int | str) -> str:
@@ -249,7 +106,7 @@ class OciRuntime:
         handler: str,
         path: str,
         root: str,
-        cgroup_manager: CgroupManager = CgroupManager.CGROUPFS,
+        cgroup_driver: CgroupDriver = CgroupDriver.CGROUPFS,
         *,
         flavor: RuntimeFlavor | None = None,
         timeout: float = DEFAULT_TIMEOUT,
@@ -257,7 +114,7 @@ class OciRuntime:
         self.handler = handler
         self.path = path
         self.root = root
-        self.cgroup_manager = cgroup_manager
+        self.cgroup_driver = cgroup_driver
         self.flavor = flavor or _guess_flavor(path)
         self.timeout = timeout
         self._features: RuntimeFeatures | None = None
@@ -272,7 +129,7 @@ class OciRuntime:
     def global_args(self) -> list[str]:
         """Arguments that go before the sub-command on every call."""
         args = ["--root", self.root, "--log-format", "json"]
-        if self.cgroup_manager is CgroupManager.SYSTEMD:
+        if self.cgroup_driver is CgroupDriver.SYSTEMD:
             args.append("--systemd-cgroup")
         return args
 
@@ -515,38 +372,6 @@ class OciRuntime:
             res = await self._run(["--version"], what="--version")
             self._version = parse_version(res.stdout.decode(errors="replace"), self.flavor.value)
         return self._version
-
-
-def parse_version(text: str, default_name: str) -> RuntimeVersion:
-    """Parse `runc --version` / `crun --version` output."""
-    name, version, commit, spec = default_name, "", "", ""
-    for line in text.splitlines():
-        line = line.strip()
-        m = re.match(r"^(\S+) version (\S+)", line)
-        if m and not version:
-            name, version = m.group(1), m.group(2)
-        elif line.startswith("commit:"):
-            commit = line.split(":", 1)[1].strip()
-        elif line.startswith("spec:"):
-            spec = line.split(":", 1)[1].strip()
-    return RuntimeVersion(name=name, version=version or "unknown", commit=commit, spec=spec)
-
-
-def crun_unsupported_reason(cgroup_root: str = "/sys/fs/cgroup") -> str | None:
-    """Why crun (≤1.8) cannot run here, or None: it refuses hybrid hosts whose
-    cgroup2 mount has controllers while v1 controllers are mounted too."""
-    unified = os.path.join(cgroup_root, "unified", "cgroup.controllers")
-    try:
-        with open(unified) as f:
-            controllers = f.read().split()
-    except OSError:
-        return None
-    if controllers:
-        return (
-            f"crun refuses this hybrid cgroup host: {CRUN_HYBRID_MARKER} "
-            f"(cgroup2 at {os.path.dirname(unified)} has controllers {' '.join(controllers)})"
-        )
-    return None
 
 
 def _guess_flavor(path: str) -> RuntimeFlavor:

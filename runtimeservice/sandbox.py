@@ -1,14 +1,16 @@
 """The pod sandbox record and its states.
 
-    RunPodSandbox           StopPodSandbox            RemovePodSandbox
-  ───────────────► CREATING ─────► READY ─────────────► NOTREADY ─────────► (gone)
-                      │                                    ▲
-                      └── crash/failure: unwound at start ─┘ (never listed)
+  RunPodSandbox         all made          StopPodSandbox            RemovePodSandbox
+ ──────────────► CREATING ───────► READY ─────────────────► NOTREADY ─────────────────► (gone)
+                    │                │                         ▲
+                    │                └─ at start: netns or ────┘
+                    │                   infra process gone
+                    └─ a step failed, or found at start: unwound and deleted (never listed)
 
 CREATING is written before the first resource is made, so a daemon killed in
 the middle of RunPodSandbox finds the record at start and removes everything
 the sandbox may own (every step's undo is idempotent). A CREATING sandbox is
-never returned to clients.
+never returned to clients. All paths derive from the id (sandbox_resources).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ class SandboxRecord:
     fingerprint: str  # of the RunPodSandbox request, for idempotent retries
     ns_dir: str  # where the pinned namespaces live (runroot)
     pod_dir: str  # resolv.conf, hosts, hostname (root)
+    run_dir: str  # volatile per-pod directory (runroot): shm mount, infra bundle
     shm: str  # the pod's /dev/shm mount point, "" with host IPC
     cgroup: str  # the pod cgroup's path in each hierarchy
     cgroup_runc: str  # the same for an OCI config's cgroupsPath
@@ -43,7 +46,14 @@ class SandboxRecord:
     utsns: str = ""
     ips: tuple[str, ...] = ()
     network_attached: bool = False  # CNI ADD done and not yet undone by DEL
-    infra_pid: int = 0
+    infra_pid: int = 0  # the process holding a shared PID namespace, 0 when none runs
+    infra_start: int = 0  # its start time (clock ticks after boot), to detect pid reuse
+    pidns: str = ""  # /proc/<infra_pid>/ns/pid: what containers join, "" when not shared
+
+    @property
+    def pod_files(self) -> dict[str, str]:
+        """resolv.conf, hostname and hosts by name: what containers bind-mount."""
+        return {n: f"{self.pod_dir}/{n}" for n in ("resolv.conf", "hostname", "hosts")}
 
     def pod_config(self) -> api_pb2.PodSandboxConfig:
         return api_pb2.PodSandboxConfig.FromString(self.config)
@@ -53,7 +63,7 @@ class SandboxRecord:
         return self.pod_config().metadata
 
     @property
-    def cri_state(self) -> int:
+    def cri_state(self) -> api_pb2.PodSandboxState:
         if self.state is SandboxState.READY:
             return api_pb2.PodSandboxState.SANDBOX_READY
         return api_pb2.PodSandboxState.SANDBOX_NOTREADY

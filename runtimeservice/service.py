@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ from cri.config import Config
 from cri.fsutil import atomic_write_json, read_json
 from runtimeservice.handlers import HandlerRegistry
 from runtimeservice.netready import network_condition
+from runtimeservice.sandboxes import SandboxManager
 
 log = logging.getLogger(__name__)
 
@@ -33,11 +35,13 @@ class RuntimeService:
         self.handlers = HandlerRegistry(cfg)
         self.state_file = Path(cfg.root) / "runtime-config.json"
         self.pod_cidr = ""
+        self.sandboxes = SandboxManager(cfg, self.handlers.runtime)
 
     async def start(self) -> None:
         await self.handlers.refresh(force=True)
         if self.state_file.exists():
             self.pod_cidr = read_json(self.state_file).get("pod_cidr", "")
+        await self.sandboxes.start()
 
     async def Version(self, request: api_pb2.VersionRequest, context: Ctx
                       ) -> api_pb2.VersionResponse:
@@ -55,7 +59,7 @@ class RuntimeService:
             runtime_ready.status = False
             runtime_ready.reason = "RuntimeNotReady"
             runtime_ready.message = "; ".join(problems)
-        net_ok, net_reason, net_message = network_condition(self.cfg)
+        net_ok, net_reason, net_message = await network_condition(self.sandboxes.network)
         network_ready = api_pb2.RuntimeCondition(type="NetworkReady", status=net_ok,
                                                  reason=net_reason, message=net_message)
         resp = api_pb2.StatusResponse(
@@ -97,3 +101,34 @@ class RuntimeService:
             self.pod_cidr = cidr
             log.info("pod CIDR set to %s", cidr)
         return api_pb2.UpdateRuntimeConfigResponse()
+
+    # -- pod sandboxes
+
+    async def RunPodSandbox(self, request: api_pb2.RunPodSandboxRequest, context: Ctx
+                            ) -> api_pb2.RunPodSandboxResponse:
+        return api_pb2.RunPodSandboxResponse(pod_sandbox_id=await self.sandboxes.run(request))
+
+    async def StopPodSandbox(self, request: api_pb2.StopPodSandboxRequest, context: Ctx
+                             ) -> api_pb2.StopPodSandboxResponse:
+        await self.sandboxes.stop(request.pod_sandbox_id)
+        return api_pb2.StopPodSandboxResponse()
+
+    async def RemovePodSandbox(self, request: api_pb2.RemovePodSandboxRequest, context: Ctx
+                               ) -> api_pb2.RemovePodSandboxResponse:
+        await self.sandboxes.remove(request.pod_sandbox_id)
+        return api_pb2.RemovePodSandboxResponse()
+
+    async def PodSandboxStatus(self, request: api_pb2.PodSandboxStatusRequest, context: Ctx
+                               ) -> api_pb2.PodSandboxStatusResponse:
+        return self.sandboxes.status(request.pod_sandbox_id, request.verbose)
+
+    async def ListPodSandbox(self, request: api_pb2.ListPodSandboxRequest, context: Ctx
+                             ) -> api_pb2.ListPodSandboxResponse:
+        flt = request.filter if request.HasField("filter") else None
+        return api_pb2.ListPodSandboxResponse(items=self.sandboxes.list(flt))
+
+    async def StreamPodSandboxes(self, request: api_pb2.StreamPodSandboxesRequest,
+                                 context: Ctx) -> AsyncIterator[api_pb2.StreamPodSandboxesResponse]:
+        flt = request.filter if request.HasField("filter") else None
+        for batch in self.sandboxes.batches(flt):
+            yield api_pb2.StreamPodSandboxesResponse(pod_sandboxes=batch)

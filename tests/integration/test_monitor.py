@@ -18,25 +18,27 @@ from pathlib import Path
 import pytest
 
 from cri.errors import FailedPrecondition, InvalidArgument
+from runtimeservice.cgroups import CgroupManager, detect
 from runtimeservice.crilog import Stream, iter_records, read_log, reassemble
-from runtimeservice.monitor import (
-    ATTACH_PIPE_STDOUT,
+from runtimeservice.exitwatch import (
     REASON_MONITOR_LOST,
     UNKNOWN_EXIT_CODE,
     ExitWatcher,
+    lost_monitor_exit,
+)
+from runtimeservice.monitor import (
+    ATTACH_PIPE_STDOUT,
     Monitor,
     MonitorConfig,
     MonitoredContainer,
     MonitorSpec,
-    lost_monitor_exit,
-    memory_oom_kills,
     monitor_alive,
 )
 from runtimeservice.oci import OciStatus
-from tests.integration.test_oci_runtime import Harness, harness, pid_gone, run, wait_for
+from tests.integration.ocihelpers import Harness, harness, pid_gone, run, wait_for
 
 pytestmark = pytest.mark.integration
-__all__ = ["harness"]  # the fixture, shared with test_oci_runtime.py
+__all__ = ["harness"]  # the shared fixture
 
 CONMON = "/usr/bin/conmon"
 
@@ -251,13 +253,13 @@ def test_oom_kill_is_recorded(env: Env) -> None:
     # A shell variable that doubles until the 16 MiB limit kills the container.
     script = "x=xxxxxxxxxxxxxxxx; while true; do x=$x$x; done"
     spec = env.spec(["sh", "-c", script], memory_limit=16 * 1024 * 1024)
-    memcg = f"/sys/fs/cgroup/memory{env.h.cgroup_parent}/{spec.container_id}"
+    cgroup = f"{env.h.cgroup_parent}/{spec.container_id}"
 
     async def scenario() -> None:
         await env.create(spec)
         await env.h.runtime.start(spec.container_id)
         assert await env.wait_exit(spec) == 137
-        assert memory_oom_kills(memcg) >= 1
+        assert await CgroupManager(detect()).oom_kill_count(cgroup) >= 1
 
     run(scenario())
     wait_for(lambda: os.path.exists(os.path.join(spec.persist_dir, "oom")), "conmon's oom file")
@@ -282,7 +284,7 @@ def test_killed_conmon_is_detected(env: Env) -> None:
     assert (lost.exit_code, lost.reason) == (UNKNOWN_EXIT_CODE, REASON_MONITOR_LOST)
     assert str(mc.conmon_pid) in lost.message
     with pytest.raises(FailedPrecondition, match="not running"):  # nobody reads the FIFO
-        run(env.monitor.reopen_log(spec.container_id, spec.log_path))
+        run(env.monitor.reopen_log(spec.container_id, spec.log_path, mc.conmon_pid))
 
 
 CHILD = """

@@ -9,22 +9,20 @@ from pathlib import Path
 import pytest
 
 from cri.errors import AlreadyExists, FailedPrecondition, Internal, InvalidArgument, NotFound
+from runtimeservice.cgroups import CgroupDriver
 from runtimeservice.exec import _Capture, exec_process
 from runtimeservice.monitor import Monitor, MonitorConfig, MonitorSpec
-from runtimeservice.oci import (
-    CgroupManager,
-    OciRuntime,
+from runtimeservice.oci import OciRuntime, RuntimeFlavor, signal_name
+from runtimeservice.ocierrors import (
     RuntimeFeatures,
-    RuntimeFlavor,
     classify_runtime_error,
     crun_unsupported_reason,
     parse_version,
     runtime_error_message,
-    signal_name,
 )
 
 RUNC = OciRuntime("runc", "/usr/sbin/runc", "/run/crib/runc")
-CRUN = OciRuntime("crun", "/usr/bin/crun", "/run/crib/crun", CgroupManager.SYSTEMD)
+CRUN = OciRuntime("crun", "/usr/bin/crun", "/run/crib/crun", CgroupDriver.SYSTEMD)
 
 
 def test_global_args_and_flavor() -> None:
