@@ -22,7 +22,6 @@ from typing import Any
 
 import grpc
 from google.protobuf import descriptor, message
-from opentelemetry.trace import Status, StatusCode
 
 from api import api_pb2
 from cri import logs, metrics, tracing
@@ -161,7 +160,7 @@ def _wrap_unary(name: str, impl: Handler | None, gate: Gate) -> Callable[..., Aw
             except Exception as exc:
                 code, msg = call.fail(exc)
                 if span is not None:
-                    span.set_status(Status(StatusCode.ERROR, f"{code.name}: {msg}"))
+                    tracing.set_error(span, f"{code.name}: {msg}")
                 await context.abort(code, msg)
             call.done()
             return response

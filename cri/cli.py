@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from cri import __version__, logs
-from cri.config import LOG_LEVELS, ConfigError, load, render_default
+from cri.config import LOG_LEVELS, ConfigError, render_default
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -41,15 +41,18 @@ def main(argv: list[str] | None = None) -> int:
         value = getattr(args, flag)
         if value is not None:
             overrides[key] = value
+    from cri.reload import ConfigSource  # imported late: `crib version` stays fast
+
+    source = ConfigSource(args.config, args.config_dir, overrides)  # re-read on SIGHUP
     try:
-        cfg = load(args.config, args.config_dir, overrides)
+        cfg = source.load()
     except ConfigError as exc:
         print(f"crib: configuration error: {exc}", file=sys.stderr)
         return 2
     logs.setup(cfg.log_level)
-    from cri.server import serve  # imported late: `crib version` stays fast
+    from cri.server import serve
 
-    return serve(cfg)
+    return serve(cfg, source)
 
 
 if __name__ == "__main__":

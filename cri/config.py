@@ -91,6 +91,12 @@ class RuntimeConfig:
     exec_output_limit: int = opt(16 * 1024 * 1024,
                                  "Bytes of stdout and of stderr ExecSync returns at most.",
                                  minimum=1024)
+    event_buffer: int = opt(1000, "Container events buffered per GetContainerEvents stream; a "
+                                  "subscriber that falls further behind is dropped "
+                                  "(RESOURCE_EXHAUSTED).", minimum=1)
+    event_replay_window: float = opt(60.0, "Seconds after start during which new "
+                                           "GetContainerEvents streams first receive the events "
+                                           "of exits found at start.", minimum=0)
     handlers: dict[str, HandlerConfig] = field(
         default_factory=_default_handlers,
         metadata={"doc": "OCI runtime handlers by name ([runtime.handlers.<name>])."})
@@ -111,6 +117,9 @@ class ImageConfig:
     pull_progress_timeout: float = opt(60.0, "Seconds without a byte before a pull fails.",
                                        minimum=1)
     pull_retries: int = opt(4, "Retries of a failed registry request.", minimum=0)
+    pinned_images: list[str] = opt(
+        [], "Images reported pinned, which the kubelet's image GC keeps: exact names or "
+            "ids, name* globs, *keyword* patterns (matched against repo tags and digests).")
 
 
 @dataclass
@@ -122,7 +131,7 @@ class NetworkConfig:
     cni_plugin_dirs: list[str] = opt(["/usr/lib/cni", "/opt/cni/bin"],
                                      "Directories searched for CNI plugins.")
     default_network: bool = opt(False, "With no CNI config, use crib's built-in network "
-                                       "(bridge + host-local + portmap + loopback).")
+                                       "(bridge + host-local + portmap; crib brings up lo itself).")
     default_network_subnet: str = opt("10.89.0.0/16", "Pod subnet of the built-in network.")
     default_network_bridge: str = opt("crib0", "Bridge of the built-in network.")
 
@@ -267,6 +276,12 @@ def _validate_whole(cfg: Config, source: str) -> None:
     for name, h in handlers.items():
         if not h.path:
             raise ConfigError(source, f"runtime.handlers.{name}.path", "must be set")
+    from imageservice.pinning import pattern_error  # late: config stays import-light
+
+    for pattern in cfg.image.pinned_images:
+        problem = pattern_error(pattern)
+        if problem is not None:
+            raise ConfigError(source, "image.pinned_images", problem)
 
 
 def load(config_file: Path | None = None, dropin_dir: Path | None = None,

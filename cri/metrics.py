@@ -1,7 +1,8 @@
 """crib's own Prometheus metrics and the HTTP endpoint that serves them.
 
 Off by default. `enable()` builds every metric on a private registry (never
-prometheus_client's global one); until then `ENABLED` is False and the
+prometheus_client's global one; see cri/metrics_instruments.py, the only module
+that imports prometheus_client, loaded by `enable()`); until then `ENABLED` is False and the
 recording functions return at once, so callers on a hot path guard with
 ``if metrics.ENABLED:`` and pay nothing when metrics are off.
 
@@ -29,21 +30,15 @@ import asyncio
 import contextlib
 import gzip
 import logging
-from collections.abc import Callable, Iterable
-from typing import Final
-
-from prometheus_client import (
-    CollectorRegistry,
-    Counter,
-    Histogram,
-    ProcessCollector,
-    disable_created_metrics,
-)
-from prometheus_client.core import GaugeMetricFamily, Metric
-from prometheus_client.exposition import choose_encoder
-from prometheus_client.registry import Collector
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Final
 
 from cri.errors import InvalidArgument
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
+
+    from cri.metrics_instruments import Instruments
 
 log = logging.getLogger(__name__)
 
@@ -59,71 +54,21 @@ STATE_KINDS: Final = ("containers", "sandboxes")
 StateSource = Callable[[], dict[str, int]]
 
 # Survive enable()/disable(): the runtime may register before metrics are enabled.
+# Read by cri.metrics_instruments at scrape time.
 _state_sources: dict[str, StateSource] = {}
 
-
-class _StateCollector(Collector):
-    """crib_containers / crib_sandboxes, computed by the runtime's callbacks at scrape time."""
-
-    def _family(self, kind: str) -> GaugeMetricFamily:
-        return GaugeMetricFamily(f"crib_{kind}", f"Number of {kind} known to crib, by state.",
-                                 labels=["state"])
-
-    def describe(self) -> Iterable[Metric]:
-        return [self._family(kind) for kind in STATE_KINDS]
-
-    def collect(self) -> Iterable[Metric]:
-        for kind in STATE_KINDS:
-            source = _state_sources.get(kind)
-            if source is None:
-                continue
-            try:
-                counts = source()
-            except Exception:
-                # One broken callback must not take the whole scrape down.
-                log.exception("the %s state source failed during a metrics scrape", kind)
-                continue
-            family = self._family(kind)
-            for state, count in sorted(counts.items()):
-                family.add_metric([state], count)
-            yield family
-
-
-class _Metrics:
-    def __init__(self) -> None:
-        r = self.registry = CollectorRegistry()
-        self.rpc_requests = Counter(
-            "crib_grpc_requests", "CRI gRPC calls handled, by method and status code.",
-            ["method", "code"], registry=r)
-        self.rpc_duration = Histogram(
-            "crib_grpc_request_duration_seconds", "Time to answer a CRI gRPC call.",
-            ["method"], buckets=RPC_BUCKETS, registry=r)
-        self.pull_bytes = Counter(
-            "crib_image_pull_bytes", "Bytes downloaded from registries by image pulls.",
-            registry=r)
-        self.pull_duration = Histogram(
-            "crib_image_pull_duration_seconds", "Duration of successful image pulls.",
-            buckets=PULL_BUCKETS, registry=r)
-        self.pulls = Counter(
-            "crib_image_pulls", "Image pulls finished, by result (success or failure).",
-            ["result"], registry=r)
-        self.failures = Counter(
-            "crib_operation_failures", "Failed operations, by operation and failing step.",
-            ["operation", "step"], registry=r)
-        r.register(_StateCollector())
-        ProcessCollector(registry=r)
-
-
-_current: _Metrics | None = None
+_current: Instruments | None = None
 
 
 def enable() -> CollectorRegistry:
     """Create the metrics (once) and start recording; returns the private registry."""
     global ENABLED, _current
     if _current is None:
-        # Go runtimes (CRI-O, containerd) export no *_created series; neither do we.
-        disable_created_metrics()
-        _current = _Metrics()
+        # Imported here, not at the top: prometheus_client is ~100 modules and a few
+        # MiB of RSS that a daemon with metrics off (the default) never needs.
+        from cri.metrics_instruments import Instruments
+
+        _current = Instruments(_state_sources)
     ENABLED = True
     return _current.registry
 
@@ -193,8 +138,7 @@ def exposition(accept: str = "", accept_encoding: str = "") -> tuple[bytes, dict
     m = _current
     if m is None:
         return b"", {"Content-Type": "text/plain; charset=utf-8"}
-    encoder, content_type = choose_encoder(accept)
-    body = encoder(m.registry)
+    body, content_type = m.render(accept)
     headers = {"Content-Type": content_type}
     if "gzip" in accept_encoding:
         body = gzip.compress(body, compresslevel=1)

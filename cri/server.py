@@ -11,6 +11,7 @@ import contextlib
 import logging
 import os
 import signal
+import sys
 from pathlib import Path
 
 import grpc
@@ -21,6 +22,7 @@ from cri.boundary import Gate, service_handler
 from cri.config import Config
 from cri.errors import CribError
 from cri.fsutil import PidLock
+from cri.reload import ConfigSource, Reloader
 from imageservice.service import ImageService
 from runtimeservice.service import RuntimeService
 
@@ -32,7 +34,7 @@ class StartupError(Exception):
 
 
 class Daemon:
-    def __init__(self, cfg: Config) -> None:
+    def __init__(self, cfg: Config, source: ConfigSource | None = None) -> None:
         self.cfg = cfg
         self.socket = Path(cfg.api.listen)
         self.locks = [PidLock(Path(cfg.runroot) / "crib.lock"),
@@ -41,8 +43,9 @@ class Daemon:
         self.stopping = asyncio.Event()
         self.server: grpc.aio.Server | None = None
         self.metrics_server: metrics.MetricsServer | None = None
-        self.runtime = RuntimeService(cfg)
         self.images = ImageService(cfg)
+        self.runtime = RuntimeService(cfg, self.images)
+        self.reloader = Reloader(cfg, source, self.images)  # SIGHUP; no source: images only
         self._reloads: set[asyncio.Task[None]] = set()
 
     def _lock(self) -> None:
@@ -98,18 +101,19 @@ class Daemon:
         self.stopping.set()
 
     def _on_reload_signal(self) -> None:
-        log.info("received SIGHUP, reloading the registries configuration")
+        log.info("received SIGHUP, reloading the configuration")
         task = asyncio.get_running_loop().create_task(self._reload())
         self._reloads.add(task)
         task.add_done_callback(self._reloads.discard)
 
     async def _reload(self) -> None:
         try:
-            await self.images.reload()
+            await self.reloader.reload()
         except Exception:
-            log.exception("reloading the registries configuration failed")
+            log.exception("reloading the configuration failed")
 
     async def run(self) -> None:
+        _watch_children_with_pidfds()
         self._lock()
         try:
             for d in (self.cfg.root, self.cfg.runroot):
@@ -121,6 +125,7 @@ class Daemon:
                 except (OSError, CribError) as exc:
                     raise StartupError(f"cannot serve metrics on {self.cfg.metrics.address}: "
                                        f"{exc}") from None
+            await self._start_streaming()
             self._signals()
             await self._bind()
             log.info("crib %s serving CRI on %s", __version__, self.socket)
@@ -131,6 +136,7 @@ class Daemon:
             await self.stopping.wait()
             await self._shutdown()
         finally:
+            await self.runtime.streaming.stop()  # idempotent; here for a failed start-up
             if self.metrics_server is not None:
                 await self.metrics_server.stop()
             tracing.shutdown()
@@ -139,19 +145,59 @@ class Daemon:
                     self.socket.unlink()
             self._unlock()
 
+    async def _start_streaming(self) -> None:
+        """Listen for exec/attach/port-forward before any RPC can hand out a URL."""
+        try:
+            await self.runtime.streaming.start()
+        except (OSError, CribError) as exc:
+            cfg = self.cfg.streaming
+            raise StartupError(f"cannot serve exec/attach/port-forward streams on "
+                               f"{cfg.address}:{cfg.port}: {exc}") from None
+
     async def _shutdown(self) -> None:
         if self.server is None:
             return
         grace = self.cfg.api.shutdown_grace
         log.info("stopping the gRPC server (grace %.0fs)", grace)
+        # Open event streams (the kubelet's) would hold the grace period: end them first.
+        self.runtime.event_hub.close()
         await self.server.stop(grace)
+        await self.runtime.close()
+        # Open exec sessions end (their processes are killed), attach clients are
+        # detached; the containers themselves are not touched.
+        log.info("stopping the streaming server")
+        await self.runtime.streaming.stop()
         self.images.close()
         log.info("stopped")
 
 
-def serve(cfg: Config) -> int:
+def _watch_children_with_pidfds() -> None:
+    """Have the event loop learn of subprocess exits through pidfds (Linux 5.3+).
+
+    Python 3.11's default child watcher starts one thread per subprocess, blocked
+    in waitpid(), and hands the exit back to the loop from there: every runc,
+    conmon and CNI call pays a thread start and a cross-thread wake-up. A pidfd is
+    polled by the loop itself. Called once, first thing on the running loop in the
+    main thread (the watcher belongs to the event loop policy, and asyncio.run
+    detaches it when the loop closes). 3.12+ uses pidfds by default and deprecates
+    child watchers, so this is for 3.11; an old kernel keeps the threaded watcher.
+    """
+    if sys.version_info >= (3, 12):
+        return
     try:
-        asyncio.run(Daemon(cfg).run())
+        os.close(os.pidfd_open(os.getpid()))
+    except OSError as exc:
+        log.info("pidfds unavailable (%s): keeping asyncio's threaded child watcher", exc)
+        return
+    watcher = asyncio.PidfdChildWatcher()
+    watcher.attach_loop(asyncio.get_running_loop())
+    asyncio.set_child_watcher(watcher)
+
+
+def serve(cfg: Config, source: ConfigSource | None = None) -> int:
+    """Run the daemon until SIGTERM/SIGINT; SIGHUP re-reads ``source`` (cri.reload)."""
+    try:
+        asyncio.run(Daemon(cfg, source).run())
     except StartupError as exc:
         log.error("%s", exc)
         return 1

@@ -2,6 +2,10 @@
 
 With exporter "none" no tracer provider is installed and `tracer()` returns
 None: the boundary then skips span creation entirely, so tracing costs nothing.
+Not even an import: OpenTelemetry (~50 modules, a few MiB) is loaded by
+`setup()` only when an exporter is configured, so an idle daemon without
+tracing never has it in memory. Code outside this module makes its spans with
+`child_span()`, never with OpenTelemetry's global tracer.
 """
 
 from __future__ import annotations
@@ -10,17 +14,16 @@ import contextlib
 import logging
 import sys
 from collections.abc import Iterator
-from typing import Any
-
-from opentelemetry import trace
-from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
-from opentelemetry.sdk.trace.sampling import TraceIdRatioBased
+from typing import TYPE_CHECKING, Any
 
 from cri import __version__
 from cri.config import TracingConfig
 from cri.errors import FailedPrecondition
+
+if TYPE_CHECKING:
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SpanExporter
 
 log = logging.getLogger(__name__)
 _provider: TracerProvider | None = None
@@ -28,6 +31,8 @@ _tracer: trace.Tracer | None = None
 
 
 def _exporter(cfg: TracingConfig) -> SpanExporter:
+    from opentelemetry.sdk.trace.export import ConsoleSpanExporter
+
     if cfg.exporter == "console":
         return ConsoleSpanExporter(out=sys.stdout)
     try:
@@ -47,6 +52,12 @@ def setup(cfg: TracingConfig) -> None:
     shutdown()
     if cfg.exporter == "none":
         return
+    # The one place OpenTelemetry is loaded: only when tracing is on (see the docstring).
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+    from opentelemetry.sdk.trace.sampling import TraceIdRatioBased
+
     provider = TracerProvider(resource=Resource.create({"service.name": "crib",
                                                         "service.version": __version__}),
                               sampler=TraceIdRatioBased(cfg.sample_ratio))
@@ -74,3 +85,10 @@ def child_span(name: str, **attributes: Any) -> Iterator[trace.Span | None]:
         return
     with _tracer.start_as_current_span(name, attributes=attributes) as span:
         yield span
+
+
+def set_error(span: trace.Span, description: str) -> None:
+    """Mark `span` (from a tracer of this module, so OpenTelemetry is loaded) as failed."""
+    from opentelemetry.trace import Status, StatusCode
+
+    span.set_status(Status(StatusCode.ERROR, description))

@@ -12,7 +12,11 @@
   refused through the ``set_in_use`` hook;
 - start-up: temp files of interrupted work and content no image references
   (left by a crash) are removed before the first pull;
-- ``reload()`` re-reads registries.conf (+ drop-ins) and the auth file (SIGHUP).
+- ``reload(image)`` (SIGHUP) applies a new ``[image]`` table: it re-reads
+  registries.conf (+ drop-ins) and the auth file, and takes the new pull
+  timeouts, retries, download parallelism and pinned-image patterns; a table
+  whose files cannot be read is refused whole and the previous one kept;
+- pinning: ``is_pinned(record)`` matches ``image.pinned_images`` (pinning.py).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cri.config import Config, ImageConfig
 from cri.errors import CribError, FailedPrecondition, InvalidArgument, NotFound
@@ -31,10 +36,13 @@ from imageservice.auth import AuthFile, Credentials
 from imageservice.content import ContentStore
 from imageservice.index import ImageIndex, ImageRecord
 from imageservice.layers import LayerStore
+from imageservice.pinning import PinnedImages
 from imageservice.pull import Policy, Puller, PullResult, Stores
 from imageservice.reference import parse_image_id, parse_reference
 from imageservice.registries import RegistriesConfig
-from imageservice.registry import RegistryClient
+
+if TYPE_CHECKING:
+    from imageservice.registry import RegistryClient
 
 log = logging.getLogger(__name__)
 
@@ -97,9 +105,10 @@ class ImageManager:
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
+        self.image = cfg.image  # the [image] table in force (replaced by reload)
         self.root = Path(cfg.root) / "images"
-        self.client = RegistryClient(progress_timeout=cfg.image.pull_progress_timeout,
-                                     max_retries=cfg.image.pull_retries)
+        self._client: RegistryClient | None = None  # made by the first pull: see `client`
+        self.pinned = PinnedImages.compile(cfg.image.pinned_images)
         self._stores: Stores | None = None
         self._puller: Puller | None = None
         self._loaded = _Loaded(Policy(RegistriesConfig(), AuthFile({})), "")
@@ -109,12 +118,13 @@ class ImageManager:
 
     async def start(self) -> None:
         self._stores = await asyncio.to_thread(self._open)
-        self._puller = Puller(self._stores, self.client, self.cfg.image.max_concurrent_downloads)
+        self._puller = Puller(self._stores, self._registry_client,
+                              self.image.max_concurrent_downloads)
         try:
-            self._loaded = await asyncio.to_thread(load_policy, self.cfg.image)
+            self._loaded = await asyncio.to_thread(load_policy, self.image)
         except CribError as exc:
             log.error("image pulls disabled until the configuration is fixed: %s", exc.message)
-            empty = RegistriesConfig(insecure_registries=list(self.cfg.image.insecure_registries))
+            empty = RegistriesConfig(insecure_registries=list(self.image.insecure_registries))
             self._loaded = _Loaded(Policy(empty, AuthFile({}), exc), "")
         log.info("image store %s: %d image(s)", self.root, len(self._stores.index))
 
@@ -135,26 +145,53 @@ class ImageManager:
                      len(stale))
         return stores
 
-    async def reload(self) -> None:
-        """Re-read registries.conf and the auth file; on error keep the previous ones."""
+    async def reload(self, image: ImageConfig | None = None) -> bool:
+        """Apply ``image`` (default: the current table, re-reading its files).
+
+        Returns False, keeping everything as it was, when registries.conf, its
+        drop-ins or the auth file cannot be read or the pinned patterns are bad.
+        """
+        new = image if image is not None else self.image
         try:
-            loaded = await asyncio.to_thread(load_policy, self.cfg.image)
+            pinned = PinnedImages.compile(new.pinned_images)
+            loaded = await asyncio.to_thread(load_policy, new)
         except CribError as exc:
             log.error("reload: keeping the previous registries/auth configuration: %s",
                       exc.message)
-            return
+            return False
         old = self._loaded
         changes = describe_changes(old.policy.registries, loaded.policy.registries)
-        if loaded.fingerprint != old.fingerprint:
-            changes.append(f"auth file {self.cfg.image.auth_file} changed")
+        if loaded.fingerprint != old.fingerprint or new.auth_file != self.image.auth_file:
+            changes.append(f"auth file {new.auth_file or '(none)'} changed")
         if old.policy.error is not None:
             changes.append("the configuration is readable again")
         self._loaded = loaded
-        log.info("reloaded registries configuration (%s): %s", self.cfg.image.registries_conf,
+        self.image = new
+        self.pinned = pinned
+        if self._client is not None:
+            self._client.progress_timeout = new.pull_progress_timeout
+            self._client.max_retries = new.pull_retries
+        if self._puller is not None:
+            self._puller.max_downloads = new.max_concurrent_downloads
+        log.info("reloaded registries configuration (%s): %s", new.registries_conf,
                  "; ".join(changes) if changes else "no changes")
+        return True
 
     def close(self) -> None:
-        self.client.close()
+        if self._client is not None:
+            self._client.close()
+
+    def _registry_client(self) -> RegistryClient:
+        """The registry client, made when the first pull needs it."""
+        if self._client is None:
+            # Imported here, not at the top: requests/urllib3 (and the ssl, http and
+            # email modules under them) cost ~60 ms of start-up and several MiB of
+            # idle RSS, and only a pull needs them.
+            from imageservice.registry import RegistryClient
+
+            self._client = RegistryClient(progress_timeout=self.image.pull_progress_timeout,
+                                          max_retries=self.image.pull_retries)
+        return self._client
 
     @property
     def stores(self) -> Stores:
@@ -169,6 +206,11 @@ class ImageManager:
     def set_in_use(self, fn: InUse | None) -> None:
         """Register the containers' check: ``fn(image_id)`` is True while a container uses it."""
         self._in_use = fn
+
+    def is_pinned(self, record: ImageRecord) -> bool:
+        """Whether ImageStatus/ListImages report ``record`` pinned (``image.pinned_images``)."""
+        return record.pinned or self.pinned.matches(
+            record.id, [*record.repo_tags, *record.repo_digests])
 
     # --- queries --------------------------------------------------------------
 

@@ -28,10 +28,9 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from opentelemetry import trace
-
+from cri import tracing
 from cri.errors import Cancelled, CribError, Internal, ResourceExhausted
 from imageservice.auth import AuthFile, Credentials
 from imageservice.content import ContentStore
@@ -41,10 +40,11 @@ from imageservice.layers import LayerMeta, LayerStore, chain_ids
 from imageservice.manifest import Descriptor, ManifestUnsupported, ResolvedImage
 from imageservice.platform import Platform
 from imageservice.registries import PullSource, RegistriesConfig
-from imageservice.registry import RegistryClient, Repository
+
+if TYPE_CHECKING:
+    from imageservice.registry import RegistryClient, Repository
 
 log = logging.getLogger(__name__)
-tracer = trace.get_tracer(__name__)
 
 T = TypeVar("T")
 
@@ -130,10 +130,10 @@ class _Job:
 class Puller:
     """Pulls images into the stores; see the module docstring."""
 
-    def __init__(self, stores: Stores, client: RegistryClient, max_downloads: int,
+    def __init__(self, stores: Stores, client: Callable[[], RegistryClient], max_downloads: int,
                  platform: Platform | None = None) -> None:
         self.stores = stores
-        self.client = client
+        self.client = client  # called at each pull: the owner may make the client lazily
         self.max_downloads = max_downloads
         self.platform = platform
         self._pulls: Shared[tuple[str, str], PullResult] = Shared("pull")
@@ -153,7 +153,7 @@ class Puller:
     async def _pull(self, raw: str, sources: list[PullSource], credentials: Credentials | None,
                     policy: Policy) -> PullResult:
         started = time.monotonic()
-        with tracer.start_as_current_span("image.pull", attributes={"image.ref": raw}):
+        with tracing.child_span("image.pull", **{"image.ref": raw}):
             source, repo, resolved = await self._resolve(sources, credentials, policy)
             config = resolved.config_json()
             diff_ids = _diff_ids(config, resolved)
@@ -177,7 +177,7 @@ class Puller:
         """The first source that resolves; otherwise the last source's error (with the others')."""
         failures: list[tuple[PullSource, CribError]] = []
         for source in sources:
-            repo = self.client.for_source(source, policy.credentials(source, credentials))
+            repo = self.client().for_source(source, policy.credentials(source, credentials))
             cancel = threading.Event()
             fut = _in_thread(repo.resolve, source.locator, self.platform, cancel=cancel)
             try:

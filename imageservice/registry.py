@@ -41,8 +41,8 @@ from typing import Protocol
 
 import requests
 import urllib3
-from opentelemetry import trace
 
+from cri import tracing
 from cri.errors import InvalidArgument, NotFound
 from imageservice.auth import Credentials, TokenKey, parse_challenges
 from imageservice.manifest import (
@@ -80,7 +80,6 @@ from imageservice.registry_transport import (
 )
 
 log = logging.getLogger(__name__)
-tracer = trace.get_tracer(__name__)
 
 __all__ = [
     "CancelCheck",
@@ -223,7 +222,7 @@ class Repository:
     def get_manifest(self, ref: str, *, cancel: CancelCheck = None) -> Manifest:
         """The manifest or index at ``ref`` (tag or digest), digest-verified."""
         where = self._ref_name(ref)
-        with tracer.start_as_current_span("registry.manifest", attributes={"image.ref": where}):
+        with tracing.child_span("registry.manifest", **{"image.ref": where}):
             for attempt in range(self.client.max_retries + 1):
                 resp = self._request(
                     f"/v2/{self.path}/manifests/{ref}", {"Accept": ACCEPT_MANIFESTS}, cancel
@@ -317,7 +316,7 @@ class Repository:
         progress: Callable[[int], None] | None,
     ) -> None:
         attributes = {"blob.digest": digest, "registry.host": self.host}
-        with tracer.start_as_current_span("registry.blob", attributes=attributes):
+        with tracing.child_span("registry.blob", **attributes):
             self._download(digest, size, out, cancel, progress)
 
     def fetch_blob_bytes(

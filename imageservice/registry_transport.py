@@ -29,8 +29,8 @@ from urllib.parse import urlencode, urljoin, urlsplit
 import grpc
 import requests
 import urllib3
-from opentelemetry import trace
 
+from cri import tracing
 from cri.errors import Cancelled, CribError
 from imageservice.auth import (
     BearerToken,
@@ -42,7 +42,6 @@ from imageservice.auth import (
 )
 
 log = logging.getLogger(__name__)
-tracer = trace.get_tracer(__name__)
 
 CancelCheck = threading.Event | Callable[[], bool] | None
 MAX_REDIRECTS = 10
@@ -289,7 +288,7 @@ class RegistryTransport:
 
     def _ping(self, host: str, insecure: bool, cancel: CancelCheck) -> Endpoint:
         schemes = ["https", "http"] if insecure else ["https"]
-        with tracer.start_as_current_span("registry.ping", attributes={"registry.host": host}):
+        with tracing.child_span("registry.ping", **{"registry.host": host}):
             for index, scheme in enumerate(schemes):
                 fallback = index + 1 < len(schemes)
                 url = f"{scheme}://{host}/v2/"
@@ -333,7 +332,7 @@ class RegistryTransport:
         if urlsplit(realm).scheme not in ("http", "https"):
             raise RegistryUnavailable(f"{registry_host} sent an unusable token realm {realm!r}")
         realm_insecure = insecure and urlsplit(realm).netloc == registry_host
-        with tracer.start_as_current_span("registry.token", attributes={"registry.scope": scope}):
+        with tracing.child_span("registry.token", **{"registry.scope": scope}):
             resp: requests.Response | None = None
             if credentials is not None and credentials.identity_token:
                 form = {

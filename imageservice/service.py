@@ -12,7 +12,7 @@ from typing import Any
 import grpc
 
 from api import api_pb2
-from cri.config import Config
+from cri.config import Config, ImageConfig
 from cri.errors import DeadlineExceeded, InvalidArgument
 from imageservice.auth import credentials_from_auth_config
 from imageservice.images import ImageManager, InUse
@@ -25,7 +25,8 @@ STREAM_BATCH = 100  # images per StreamImagesResponse
 ContainerFilesystems = Callable[[], Awaitable[list[api_pb2.FilesystemUsage]]]
 
 
-def to_cri_image(record: ImageRecord) -> api_pb2.Image:
+def to_cri_image(record: ImageRecord, pinned: bool = False) -> api_pb2.Image:
+    """The CRI Image for ``record``; ``pinned`` (from image.pinned_images) or the record's own."""
     image = api_pb2.Image(
         id=record.id,
         repo_tags=record.repo_tags,
@@ -33,7 +34,7 @@ def to_cri_image(record: ImageRecord) -> api_pb2.Image:
         size=record.size,
         username=record.username,
         spec=api_pb2.ImageSpec(image=record.id),
-        pinned=record.pinned,
+        pinned=record.pinned or pinned,
     )
     if record.uid is not None:
         image.uid.value = record.uid
@@ -68,9 +69,12 @@ class ImageService:
     async def start(self) -> None:
         await self.manager.start()
 
-    async def reload(self) -> None:
-        """SIGHUP: re-read registries.conf and the auth file."""
-        await self.manager.reload()
+    async def reload(self, image: ImageConfig | None = None) -> bool:
+        """SIGHUP: apply a new [image] table (default: re-read the current one's files).
+
+        False when it was refused (unreadable files) and the previous one kept.
+        """
+        return await self.manager.reload(image)
 
     def close(self) -> None:
         self.manager.close()
@@ -84,6 +88,9 @@ class ImageService:
     def set_container_filesystems(self, fn: ContainerFilesystems | None) -> None:
         """Where ImageFsInfo gets ``container_filesystems`` (the writable layers)."""
         self._container_filesystems = fn
+
+    def _image(self, record: ImageRecord) -> api_pb2.Image:
+        return to_cri_image(record, self.manager.is_pinned(record))
 
     # --- RPCs -----------------------------------------------------------------
 
@@ -109,12 +116,12 @@ class ImageService:
         if record is None:
             return api_pb2.ImageStatusResponse()
         info = verbose_info(record) if request.verbose else {}
-        return api_pb2.ImageStatusResponse(image=to_cri_image(record), info=info)
+        return api_pb2.ImageStatusResponse(image=self._image(record), info=info)
 
     async def ListImages(self, request: api_pb2.ListImagesRequest,
                          context: grpc.aio.ServicerContext) -> api_pb2.ListImagesResponse:
         records = self.manager.list_images(request.filter.image.image.strip())
-        return api_pb2.ListImagesResponse(images=[to_cri_image(r) for r in records])
+        return api_pb2.ListImagesResponse(images=[self._image(r) for r in records])
 
     async def StreamImages(self, request: api_pb2.StreamImagesRequest,
                            context: grpc.aio.ServicerContext
@@ -122,7 +129,7 @@ class ImageService:
         records = self.manager.list_images(request.filter.image.image.strip())
         for start in range(0, len(records), STREAM_BATCH):
             batch = records[start:start + STREAM_BATCH]
-            yield api_pb2.StreamImagesResponse(images=[to_cri_image(r) for r in batch])
+            yield api_pb2.StreamImagesResponse(images=[self._image(r) for r in batch])
 
     async def RemoveImage(self, request: api_pb2.RemoveImageRequest,
                           context: grpc.aio.ServicerContext) -> api_pb2.RemoveImageResponse:

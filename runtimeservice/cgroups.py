@@ -258,7 +258,8 @@ def _max(value: int) -> str:
     return "max" if value == -1 else str(value)
 
 
-def _check_resources(r: CgroupResources) -> None:
+def check_resources(r: CgroupResources) -> None:
+    """InvalidArgument naming the first value no cgroup accepts (before anything is written)."""
     for name in ("cpu_shares", "cpu_period", "cpu_quota", "memory_limit",
                  "memory_swap_limit", "pids_limit"):
         value = getattr(r, name)
@@ -406,7 +407,7 @@ class CgroupManager:
 
     def _create_sync(self, path: str, resources: CgroupResources | None) -> None:
         if resources is not None:
-            _check_resources(resources)
+            check_resources(resources)
         created: list[Path] = []
         rel = path.strip("/")
         try:
@@ -447,7 +448,7 @@ class CgroupManager:
 
     async def update(self, path: str, resources: CgroupResources) -> None:
         """Change the limits of an existing cgroup."""
-        _check_resources(resources)
+        check_resources(resources)
         await asyncio.to_thread(self._apply, path, resources)
 
     def _dir(self, controller: str, path: str) -> Path | None:

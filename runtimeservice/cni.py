@@ -4,10 +4,11 @@
 (``.conflist``, or a ``.conf``/``.json`` single-plugin config wrapped into a
 list). `PodNetwork` runs it for a sandbox:
 
-- ADD: the loopback plugin on ``lo``, then every plugin of the network in order,
-  each getting the previous one's result as ``prevResult``; the final result is
-  the pod's IPs, interfaces, routes and DNS. A failed ADD is rolled back with a
-  DEL, so it leaves no IP or veth behind.
+- ADD: ``lo`` brought up (crib's job, done in-process over netlink, as CRI-O
+  does: no loopback plugin, whatever the conflist), then every plugin of the
+  network in order, each getting the previous one's result as ``prevResult``;
+  the final result is the pod's IPs, interfaces, routes and DNS. A failed ADD
+  is rolled back with a DEL, so it leaves no IP or veth behind.
 - DEL: every plugin in reverse order with the cached ADD result; retried a few
   times; an empty ``CNI_NETNS`` when the namespace is already gone; idempotent.
 - CHECK: every plugin with the cached result (spec >= 0.4.0, unless
@@ -145,10 +146,6 @@ def default_conflist(subnet: str = DEFAULT_SUBNET, bridge: str = "crib0", *,
             {"type": "portmap", "capabilities": {"portMappings": True}},
         ],
     }
-
-
-def loopback_conflist() -> dict[str, Any]:
-    return {"cniVersion": "1.0.0", "name": "cni-loopback", "plugins": [{"type": "loopback"}]}
 
 
 # ------------------------------------------------------------------ results
@@ -338,7 +335,6 @@ class PodNetwork:
         self.default = default
         self.timeout = timeout
         self.del_attempts = del_attempts
-        self._loopback = parse_network_config(loopback_conflist())
 
     # -- config and plugins
 
@@ -477,7 +473,7 @@ class PodNetwork:
         """
         net = await self.network()
         att = self._attachment(net, container_id, ifname, str(netns), pod, port_mappings, dns)
-        await self._loopback_up(netns, container_id, pod)
+        await netlink.loopback_up(netns)
         await asyncio.to_thread(self._save, att, None)
         try:
             raw = await self._add(att)
@@ -490,15 +486,6 @@ class PodNetwork:
         await asyncio.to_thread(self._save, att, raw)
         log.info("CNI ADD %s on network %s: %s", container_id, net.name, result.pod_ips())
         return result
-
-    async def _loopback_up(self, netns: Path, container_id: str, pod: PodRef) -> None:
-        try:
-            self.find_plugin("loopback")
-        except FailedPrecondition:
-            await netlink.loopback_up(netns)
-            return
-        att = self._attachment(self._loopback, container_id, "lo", str(netns), pod)
-        await self._exec("ADD", att, self._loopback.plugins[0], None)
 
     async def _delete_once(self, att: _Attachment, prev: Mapping[str, Any] | None) -> None:
         if _version_key(att.net.cni_version) < (0, 4, 0):
@@ -552,10 +539,6 @@ class PodNetwork:
                     await asyncio.sleep(0.2 * attempt)
             if path is not None:
                 await asyncio.to_thread(path.unlink, True)
-        if ns:
-            lo = self._attachment(self._loopback, container_id, "lo", ns, pod)
-            with contextlib.suppress(CniError, DeadlineExceeded, FailedPrecondition):
-                await self._exec("DEL", lo, self._loopback.plugins[0], None)
         log.info("CNI DEL %s done", container_id)
 
     async def check(self, netns: Path, container_id: str, pod: PodRef, *,

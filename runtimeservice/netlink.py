@@ -1,6 +1,8 @@
 """Netlink queries on pod network namespaces; the only module that uses pyroute2.
 
 pyroute2 is imported lazily (it costs ~250 ms) the first time a query runs.
+`loopback_up`, on every RunPodSandbox's path, needs no pyroute2: it sends
+one RTM_NEWLINK over a plain netlink socket.
 Queries on a pod's namespace run in a fresh thread that has joined it
 (`namespaces.run_in_namespaces`), so the netlink socket is created inside
 that namespace; pyroute2's own ``netns=`` support forks the caller, which the
@@ -10,17 +12,26 @@ threaded daemon must not do.
 from __future__ import annotations
 
 import asyncio
+import os
+import socket
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from cri.errors import Internal
 from runtimeservice import namespaces
 from runtimeservice.namespaces import NamespaceKind
 
 T = TypeVar("T")
 
 _IFF_UP = 0x1
+_RTM_NEWLINK = 16
+_NLM_F_REQUEST, _NLM_F_ACK = 0x1, 0x4
+_NLMSG_ERROR = 2
+_NLMSGHDR = struct.Struct("=IHHII")  # len, type, flags, seq, pid
+_IFINFOMSG = struct.Struct("=BxHiII")  # family, pad, type, index, flags, change
 
 
 @dataclass(frozen=True)
@@ -117,12 +128,41 @@ async def interface_stats(netns: Path, ifname: str | None = None) -> list[Interf
         raise
 
 
+def set_link_up(index: int) -> None:
+    """Set link `index` up in the calling thread's network namespace (blocking).
+
+    One RTM_NEWLINK request changing only IFF_UP, and its acknowledgement;
+    OSError with the kernel's errno when it refuses.
+    """
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC,
+                       socket.NETLINK_ROUTE) as sock:
+        sock.bind((0, 0))
+        body = _IFINFOMSG.pack(socket.AF_UNSPEC, 0, index, _IFF_UP, _IFF_UP)
+        sock.send(_NLMSGHDR.pack(_NLMSGHDR.size + len(body), _RTM_NEWLINK,
+                                 _NLM_F_REQUEST | _NLM_F_ACK, 1, 0) + body)
+        while True:
+            reply = sock.recv(8192)
+            _length, kind, _flags, seq, _pid = _NLMSGHDR.unpack_from(reply)
+            if kind == _NLMSG_ERROR and seq == 1:
+                (error,) = struct.unpack_from("=i", reply, _NLMSGHDR.size)
+                if error:
+                    raise OSError(-error, os.strerror(-error))
+                return
+
+
 async def loopback_up(netns: Path) -> None:
-    """Bring ``lo`` up in `netns` (for when the CNI loopback plugin is not installed)."""
+    """Bring ``lo`` up in `netns`: crib's job in every pod, whatever the CNI config.
 
-    def up(ipr: Any) -> None:
-        index = _link_index(ipr, "lo")
-        if index is not None:
-            ipr.link("set", index=index, state="up")
+    As CRI-O does, no loopback plugin runs: an in-process netlink request
+    from a thread inside the namespace, with nothing to undo (``lo`` goes
+    away with the namespace).
+    """
 
-    await _run(netns, up)
+    def up() -> None:
+        try:
+            set_link_up(socket.if_nametoindex("lo"))
+        except OSError as exc:
+            raise Internal(f"cannot bring lo up in network namespace {netns}: "
+                           f"{exc.strerror or exc}") from None
+
+    await namespaces.run_in_namespaces({NamespaceKind.NET: netns}, up)

@@ -276,6 +276,43 @@ class OciRuntime:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(log_file)
 
+    async def run_detached(self, container_id: str, bundle: str, pid_file: str) -> int:
+        """`run --detach`: create and start in one invocation; returns the init pid.
+
+        For a container that needs no monitor (a sandbox's infra process): one
+        runtime process instead of `create` + `start`. As with `create`, stdio
+        is /dev/null and errors come from a JSON log file. A failed run leaves
+        no container (the runtime destroys it); a timed-out or cancelled one is
+        killed and force-deleted.
+        """
+        fd, log_file = tempfile.mkstemp(prefix=f".{container_id[:12]}-", suffix=".log",
+                                        dir=os.path.dirname(pid_file) or None)
+        os.close(fd)
+        argv = [self.path, "--log", log_file, *self.global_args(), "run", "--detach",
+                "--bundle", bundle, "--pid-file", pid_file, container_id]
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
+                stderr=asyncio.subprocess.DEVNULL, start_new_session=True)
+            try:
+                rc = await asyncio.wait_for(proc.wait(), self.timeout)
+            except (TimeoutError, asyncio.CancelledError) as e:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                await asyncio.shield(proc.wait())
+                await asyncio.shield(self.delete(container_id, force=True))
+                if isinstance(e, asyncio.CancelledError):
+                    raise
+                raise DeadlineExceeded(f"{self.handler} run {container_id} did not finish "
+                                       f"within {self.timeout:g}s") from None
+            if rc != 0:
+                raise self.error(f"run {container_id}",
+                                 await asyncio.to_thread(_read_text, log_file))
+            return int((await asyncio.to_thread(_read_text, pid_file)).strip())
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(log_file)
+
     async def start(self, container_id: str) -> None:
         await self._run(["start", container_id], what=f"start {container_id}")
 

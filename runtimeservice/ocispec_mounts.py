@@ -257,7 +257,8 @@ def default_mounts(facts: DefaultMountFacts) -> list[dict[str, Any]]:
         # A new sysfs shows the network devices of the mounter's netns; in the
         # host's netns bind the host's /sys instead (as CRI-O does).
         mounts.append({"destination": "/sys", "type": "bind", "source": "/sys",
-                       "options": ["rbind", "nosuid", "noexec", "nodev", *(ro or ["rw"])]})
+                       "options": ["rbind", "rprivate", "nosuid", "noexec", "nodev",
+                                   *(ro or ["rw"])]})
     else:
         mounts.append({"destination": "/sys", "type": "sysfs", "source": "sysfs",
                        "options": ["nosuid", "noexec", "nodev", *(ro or ["rw"])]})

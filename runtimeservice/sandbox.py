@@ -49,6 +49,9 @@ class SandboxRecord:
     infra_pid: int = 0  # the process holding a shared PID namespace, 0 when none runs
     infra_start: int = 0  # its start time (clock ticks after boot), to detect pid reuse
     pidns: str = ""  # /proc/<infra_pid>/ns/pid: what containers join, "" when not shared
+    # LinuxContainerResources set by UpdatePodSandboxResources; b"" = still the config's
+    resources: bytes = b""
+    overhead: bytes = b""
 
     @property
     def pod_files(self) -> dict[str, str]:
@@ -57,6 +60,16 @@ class SandboxRecord:
 
     def pod_config(self) -> api_pb2.PodSandboxConfig:
         return api_pb2.PodSandboxConfig.FromString(self.config)
+
+    def pod_resources(self) -> tuple[api_pb2.LinuxContainerResources | None,
+                                      api_pb2.LinuxContainerResources | None]:
+        """(resources, overhead) in effect: the last update's, else the config's; None = unset."""
+        linux = self.pod_config().linux
+        res = (api_pb2.LinuxContainerResources.FromString(self.resources) if self.resources
+               else linux.resources if linux.HasField("resources") else None)
+        over = (api_pb2.LinuxContainerResources.FromString(self.overhead) if self.overhead
+                else linux.overhead if linux.HasField("overhead") else None)
+        return res, over
 
     @property
     def metadata(self) -> api_pb2.PodSandboxMetadata:

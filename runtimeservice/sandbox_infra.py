@@ -8,7 +8,9 @@ namespace, in a cgroup below the pod's. No image is involved: the bundle's
 rootfs is an empty directory with the binary bind-mounted read-only into it.
 Containers of the pod then join ``/proc/<pid>/ns/pid``.
 
-The runtime is the handler's `OciRuntime` (create + start, delete --force).
+The runtime is the handler's `OciRuntime`: one `run --detach` to start (a
+separate create + start would cost a second runtime process), `delete
+--force` to stop.
 """
 
 from __future__ import annotations
@@ -127,10 +129,9 @@ class InfraRunner:
         """Start the infra process; undo with `stop(spec.sandbox_id, spec.bundle)`."""
         await asyncio.to_thread(_write_bundle, spec)
         pid_file = spec.bundle / "infra.pid"
-        with tracing.child_span("runtime.create", **{"runtime.handler": self.runtime.handler}):
-            pid = await self.runtime.create(spec.sandbox_id, str(spec.bundle), str(pid_file))
-        with tracing.child_span("runtime.start", **{"runtime.handler": self.runtime.handler}):
-            await self.runtime.start(spec.sandbox_id)
+        with tracing.child_span("runtime.run", **{"runtime.handler": self.runtime.handler}):
+            pid = await self.runtime.run_detached(spec.sandbox_id, str(spec.bundle),
+                                                  str(pid_file))
         start = process_start_time(pid)
         if start is None:
             raise Internal(f"the infra process of sandbox {spec.sandbox_id} (pid {pid}) "

@@ -173,10 +173,11 @@ def pod_resources(res: api_pb2.LinuxContainerResources | None,
     return None if out == CgroupResources() else out
 
 
-def _check_resources(r: CgroupResources | None, cgroup_v2: bool) -> None:
+def check_pod_resources(r: CgroupResources | None, cgroup_v2: bool) -> None:
+    """InvalidArgument for pod cgroup limits this host cannot apply."""
     if r is None:
         return
-    cgroups._check_resources(r)
+    cgroups.check_resources(r)
     if r.unified and not cgroup_v2:
         raise InvalidArgument(f"unified cgroup keys {sorted(r.unified)} need cgroup v2; "
                               "this host uses cgroup v1")
@@ -219,7 +220,7 @@ def plan(req: api_pb2.RunPodSandboxRequest, cfg: Config, *, cgroup_v2: bool) -> 
     parent = cgroups.validate_cgroup_parent(linux.cgroup_parent, driver)
     resources = pod_resources(linux.resources if linux.HasField("resources") else None,
                               linux.overhead if linux.HasField("overhead") else None)
-    _check_resources(resources, cgroup_v2)
+    check_pod_resources(resources, cgroup_v2)
     return SandboxPlan(
         name=meta.name, namespace=meta.namespace, uid=meta.uid, attempt=meta.attempt,
         handler=handler, host_network=host_network, host_ipc=host_ipc, host_pid=host_pid,

@@ -1,8 +1,8 @@
 """RunPodSandbox after validation: make every resource, in order, each with its undo.
 
   record (CREATING) → pod cgroup → namespaces (hostname, sysctls) → pod files
-  and /dev/shm → CNI ADD (port mappings, DNS) → infra process (shared PID
-  namespace only) → record READY
+  and /dev/shm → CNI ADD (lo, port mappings, DNS), and at the same time the
+  infra process (shared PID namespace only) → record READY
 
 The CREATING record is written before anything else exists and every path is
 derived from the sandbox id, so a daemon killed at any point finds the record
@@ -19,11 +19,13 @@ import ipaddress
 import logging
 import secrets
 import time
+from collections.abc import Awaitable
 from pathlib import Path
+from typing import TypeVar
 
 from api import api_pb2
 from cri.errors import Internal
-from runtimeservice import namespaces, podfiles
+from runtimeservice import failure_steps, namespaces, podfiles
 from runtimeservice.cni import PodRef
 from runtimeservice.namespaces import NamespaceKind, PodNamespaces
 from runtimeservice.sandbox import SandboxRecord, SandboxState
@@ -31,9 +33,13 @@ from runtimeservice.sandbox_infra import InfraProcess, InfraSpec
 from runtimeservice.sandbox_plan import SandboxPlan, split_sysctls
 from runtimeservice.sandbox_resources import SandboxResources
 from runtimeservice.store import RecordStore
+from runtimeservice.sysctls import Sysctl
 from runtimeservice.undo import UndoStack
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+A = TypeVar("A")
+B = TypeVar("B")
 
 
 class _Steps:
@@ -48,8 +54,38 @@ class _Steps:
         self.spent.append(f"{name} {(now - self.last) * 1000:.0f}")
         self.last = now
 
+    def skip(self) -> None:
+        """Start the next step's clock now (after steps noted with `timed`)."""
+        self.last = time.perf_counter()
+
+    async def timed(self, name: str, step: Awaitable[T]) -> T:
+        """Await `step` and note its own duration (for steps run concurrently)."""
+        start = time.perf_counter()
+        try:
+            return await step
+        finally:
+            self.spent.append(f"{name} {(time.perf_counter() - start) * 1000:.0f}")
+
     def __str__(self) -> str:
         return ", ".join(self.spent)
+
+
+async def _together(a: Awaitable[A] | None, b: Awaitable[B] | None
+                    ) -> tuple[A | None, B | None]:
+    """Run the given steps at once. When one fails the other still finishes (its
+    undo is registered and must find a settled state); the first error is raised."""
+
+    async def nothing() -> None:
+        return None
+
+    ra, rb = await asyncio.gather(a or nothing(), b or nothing(), return_exceptions=True)
+    if isinstance(ra, BaseException):
+        if isinstance(rb, BaseException):
+            log.warning("a concurrent sandbox step also failed: %s", rb)
+        raise ra
+    if isinstance(rb, BaseException):
+        raise rb
+    return ra, rb
 
 
 def new_sandbox_id() -> str:
@@ -94,6 +130,21 @@ async def _start_infra(res: SandboxResources, rec: SandboxRecord,
     return await runner.start(spec)
 
 
+async def _attach_network(res: SandboxResources, rec: SandboxRecord, plan: SandboxPlan,
+                          pod_ns: PodNamespaces, hostname: str,
+                          late_sysctls: list[Sysctl]) -> tuple[str, ...]:
+    """CNI ADD, then what needs the pod's interfaces: late sysctls, /etc/hosts. The IPs."""
+    meta = rec.metadata
+    result = await res.network.add(
+        Path(rec.netns), rec.id, PodRef(meta.namespace, meta.name, meta.uid),
+        port_mappings=plan.ports, dns=plan.dns)
+    ips = _ordered_ips(result.pod_ips())
+    if late_sysctls:
+        await namespaces.apply_sysctls(pod_ns, late_sysctls)
+    await asyncio.to_thread(podfiles.write_hosts, Path(rec.pod_dir), hostname, ips)
+    return ips
+
+
 async def create_sandbox(store: RecordStore[SandboxRecord], res: SandboxResources,
                          plan: SandboxPlan, req: api_pb2.RunPodSandboxRequest,
                          fingerprint: str) -> str:
@@ -106,21 +157,26 @@ async def create_sandbox(store: RecordStore[SandboxRecord], res: SandboxResource
     early_sysctls, late_sysctls = split_sysctls(plan.sysctls)
     paths = res.paths(sandbox_id)
     steps = _Steps()
-    async with store.lock(sandbox_id), UndoStack(f"RunPodSandbox {sandbox_id[:12]}") as undo:
+    failing = failure_steps.FailureSteps("RunPodSandbox")  # counts a failure by step
+    async with (store.lock(sandbox_id), UndoStack(f"RunPodSandbox {sandbox_id[:12]}") as undo,
+                failing):
         await asyncio.to_thread(store.put, rec)
         undo.push("delete the record", lambda: store.delete(sandbox_id))
         steps.done("record")
 
+        failing.at(failure_steps.CGROUP)
         undo.push("remove the pod cgroup", lambda: res.remove_cgroup(rec))
         await res.cgroups.create(rec.cgroup, plan.resources)
         steps.done("cgroup")
 
+        failing.at(failure_steps.NAMESPACES)
         undo.push("unpin the namespaces", lambda: res.unpin_namespaces(rec))
         pod_ns = await namespaces.create(
             paths.ns_dir, plan.kinds, sysctls=early_sysctls,
             hostname=hostname if NamespaceKind.UTS in plan.kinds else None)
         steps.done("namespaces")
 
+        failing.at(failure_steps.MOUNT)
         undo.push("remove the pod files", lambda: res.remove_pod_files(rec))
         await podfiles.write_pod_files(paths.pod_dir, hostname, plan.dns,
                                        host_network=plan.host_network)
@@ -130,25 +186,23 @@ async def create_sandbox(store: RecordStore[SandboxRecord], res: SandboxResource
             await res.mount_shm(Path(rec.shm))
         steps.done("files+shm")
 
-        ips: tuple[str, ...] = ()
+        # CNI ADD and the infra process are independent (the infra only joins the
+        # pinned namespaces): they run at once, each undo registered first.
+        network_step: Awaitable[tuple[str, ...]] | None = None
+        infra_step: Awaitable[InfraProcess] | None = None
         if rec.netns:
             undo.push("CNI DEL", lambda: res.detach_network(rec))
-            meta = rec.metadata
-            result = await res.network.add(
-                Path(rec.netns), sandbox_id, PodRef(meta.namespace, meta.name, meta.uid),
-                port_mappings=plan.ports, dns=plan.dns)
-            ips = _ordered_ips(result.pod_ips())
-            if late_sysctls:
-                await namespaces.apply_sysctls(pod_ns, late_sysctls)
-            await asyncio.to_thread(podfiles.write_hosts, paths.pod_dir, hostname, ips)
-            steps.done("cni")
-
-        infra: InfraProcess | None = None
+            network_step = steps.timed("cni", failing.run(failure_steps.CNI, _attach_network(
+                res, rec, plan, pod_ns, hostname, late_sysctls)))
         if plan.shared_pid:
             undo.push("stop the infra process", lambda: res.stop_infra(rec))
-            infra = await _start_infra(res, rec, plan)
-            steps.done("infra")
+            infra_step = steps.timed("infra", failing.run(failure_steps.OCI_RUNTIME,
+                                                         _start_infra(res, rec, plan)))
+        attached, infra = await _together(network_step, infra_step)
+        ips = attached or ()
+        steps.skip()
 
+        failing.at(failure_steps.RECORD)
         rec = await asyncio.to_thread(
             store.update, sandbox_id, state=SandboxState.READY, ips=ips,
             network_attached=bool(rec.netns), infra_pid=infra.pid if infra else 0,

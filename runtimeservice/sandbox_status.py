@@ -78,7 +78,19 @@ def verbose_info(rec: SandboxRecord) -> dict[str, Any]:
         "runtimeHandler": rec.runtime_handler,
         "networkAttached": rec.network_attached,
         "config": json_format.MessageToDict(_config(rec.config)),
+        **_resources(rec),
     }
+
+
+def _resources(rec: SandboxRecord) -> dict[str, Any]:
+    """The pod-level resources in effect (after UpdatePodSandboxResources, if any)."""
+    res, over = rec.pod_resources()
+    out = {}
+    if res is not None:
+        out["resources"] = json_format.MessageToDict(res)
+    if over is not None:
+        out["overhead"] = json_format.MessageToDict(over)
+    return out
 
 
 def to_status(rec: SandboxRecord, verbose: bool = False) -> api_pb2.PodSandboxStatusResponse:

@@ -17,6 +17,8 @@ import asyncio
 import logging
 from typing import Any
 
+from cri import metrics
+from runtimeservice.failure_steps import CNI
 from runtimeservice.names import Reservations
 from runtimeservice.sandbox import SandboxRecord, SandboxState, reservation_name
 from runtimeservice.sandbox_resources import ContainerHooks, SandboxResources, shares_pid
@@ -41,6 +43,7 @@ async def stop_sandbox(store: RecordStore[SandboxRecord], res: SandboxResources,
         try:
             await res.detach_network(rec)
         except Exception:
+            metrics.record_failure("StopPodSandbox", CNI)
             if rec.state is not SandboxState.NOTREADY or changes:
                 await asyncio.to_thread(store.update, rec.id, state=SandboxState.NOTREADY,
                                         **changes)

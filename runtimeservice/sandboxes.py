@@ -8,6 +8,7 @@ infra process. The steps live in their own modules:
   sandbox_run       create, each step with its undo
   sandbox_stop      stop and remove
   sandbox_status    records as CRI messages, list filters
+  sandbox_update    UpdatePodSandboxResources on the pod cgroup
   sandbox_recover   what a start finds on disk
   sandbox_resources the idempotent makers and removers all of them share
 
@@ -41,6 +42,7 @@ from runtimeservice.sandbox_resources import ContainerHooks, NoContainers, Sandb
 from runtimeservice.sandbox_run import create_sandbox
 from runtimeservice.sandbox_status import matches, to_pod_sandbox, to_status, visible
 from runtimeservice.sandbox_stop import remove_sandbox, stop_sandbox
+from runtimeservice.sandbox_update import update_sandbox_resources
 from runtimeservice.store import RecordStore
 
 log = logging.getLogger(__name__)
@@ -130,6 +132,17 @@ class SandboxManager:
             if current is not None:
                 await remove_sandbox(self.store, self.res, self.container_hooks,
                                      self.reservations, current)
+
+    async def update_resources(self, req: api_pb2.UpdatePodSandboxResourcesRequest) -> None:
+        """New pod-level limits on a ready sandbox's cgroup; NotFound, FailedPrecondition."""
+        if not req.pod_sandbox_id:
+            raise InvalidArgument("pod_sandbox_id must not be empty")
+        rec = self.get(req.pod_sandbox_id)
+        async with self.store.lock(rec.id):
+            current = self.store.find(rec.id)
+            if current is None or not visible(current):
+                raise NotFound(f"pod sandbox {req.pod_sandbox_id!r} not found")
+            await update_sandbox_resources(self.store, self.res, current, req)
 
     def status(self, sandbox_id: str, verbose: bool = False) -> api_pb2.PodSandboxStatusResponse:
         if not sandbox_id:

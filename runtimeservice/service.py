@@ -6,7 +6,7 @@ import json
 import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
@@ -14,9 +14,19 @@ from api import api_pb2
 from cri import __version__
 from cri.config import Config
 from cri.fsutil import atomic_write_json, read_json
+from cri.streaming.server import StreamingServer
+from runtimeservice.container_images import ImageManagerSource
+from runtimeservice.container_rpcs import ContainerHandlers
+from runtimeservice.containers import ContainerManager
 from runtimeservice.handlers import HandlerRegistry
 from runtimeservice.netready import network_condition
+from runtimeservice.operator_rpcs import OperatorHandlers
 from runtimeservice.sandboxes import SandboxManager
+from runtimeservice.streaming_backend import ContainerStreamingBackend
+from runtimeservice.streaming_rpcs import StreamingHandlers
+
+if TYPE_CHECKING:
+    from imageservice.service import ImageService
 
 log = logging.getLogger(__name__)
 
@@ -27,21 +37,35 @@ RUNTIME_API_VERSION = "v1"
 Ctx = grpc.aio.ServicerContext[Any, Any]
 
 
-class RuntimeService:
+class RuntimeService(ContainerHandlers, StreamingHandlers, OperatorHandlers):
     """Servicer for runtime.v1.RuntimeService (registered through cri.boundary)."""
 
-    def __init__(self, cfg: Config) -> None:
+    def __init__(self, cfg: Config, images: ImageService) -> None:
         self.cfg = cfg
         self.handlers = HandlerRegistry(cfg)
         self.state_file = Path(cfg.root) / "runtime-config.json"
         self.pod_cidr = ""
         self.sandboxes = SandboxManager(cfg, self.handlers.runtime)
+        self.containers = ContainerManager(cfg, self.sandboxes.store,
+                                           ImageManagerSource(images.manager),
+                                           self.handlers.runtime)
+        self.sandboxes.container_hooks = self.containers
+        images.set_in_use(self.containers.image_in_use)
+        images.set_container_filesystems(self.containers.container_filesystems)
+        self.streaming = StreamingServer.from_config(
+            cfg.streaming, ContainerStreamingBackend(self.containers, self.sandboxes.get))
+        self.init_operator()  # events into the container layer, Prometheus sources
 
     async def start(self) -> None:
         await self.handlers.refresh(force=True)
         if self.state_file.exists():
             self.pod_cidr = read_json(self.state_file).get("pod_cidr", "")
         await self.sandboxes.start()
+        await self.containers.start()
+
+    async def close(self) -> None:
+        self.event_hub.close()
+        await self.containers.close()
 
     async def Version(self, request: api_pb2.VersionRequest, context: Ctx
                       ) -> api_pb2.VersionResponse:
@@ -84,6 +108,7 @@ class RuntimeService:
                 n: {"path": i.path, "root": i.root, "runnable": i.runnable,
                     "version": i.version, "problem": i.problem}
                 for n, i in self.handlers.handlers.items()}, sort_keys=True)
+            resp.info.update(await self.operator_info())
         return resp
 
     async def RuntimeConfig(self, request: api_pb2.RuntimeConfigRequest, context: Ctx
@@ -132,3 +157,9 @@ class RuntimeService:
         flt = request.filter if request.HasField("filter") else None
         for batch in self.sandboxes.batches(flt):
             yield api_pb2.StreamPodSandboxesResponse(pod_sandboxes=batch)
+
+    async def UpdatePodSandboxResources(
+            self, request: api_pb2.UpdatePodSandboxResourcesRequest, context: Ctx
+    ) -> api_pb2.UpdatePodSandboxResourcesResponse:
+        await self.sandboxes.update_resources(request)
+        return api_pb2.UpdatePodSandboxResourcesResponse()

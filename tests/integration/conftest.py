@@ -12,6 +12,7 @@ import pytest
 
 from hack.testimages import BadDigest, ImageInfo, build_image, make_bad_digest, push_all
 from tests.integration.daemon import (
+    RUN_INDEX,
     Daemon,
     PodNet,
     assert_clean_exit,
@@ -170,7 +171,7 @@ def pod_host() -> Iterator[None]:
             subprocess.run(["iptables", "-t", "nat", "-X", chain], capture_output=True)
 
 
-POD_CGROUP_PARENT = "/cribtest-sandboxes"
+POD_CGROUP_PARENT = f"/cribtest-sandboxes-{RUN_INDEX}"
 
 
 @pytest.fixture

@@ -108,6 +108,10 @@ def new_daemon(base: Path) -> Daemon:
     config = base / "crib.toml"
     if not config.exists():
         config.write_text("")
+    # Streaming on an ephemeral port: tests run several daemons at once.
+    dropins = base / "crib.d"
+    dropins.mkdir(exist_ok=True)
+    (dropins / "00-test-streaming.toml").write_text("[streaming]\nport = 0\n")
     return Daemon(base=base, socket=base / "run" / "crib.sock", root=base / "root",
                   runroot=base / "run", config=config, log=base / "crib.log")
 
@@ -132,6 +136,23 @@ def pid_alive(pid: int) -> bool:
 # ---------------------------------------------------------------- pod networking
 
 
+def _run_index() -> int:
+    """A number that keeps this test process's network apart from any other test run's.
+
+    Test runs may overlap on one machine (several checkouts, a benchmark); each
+    uses bridge crt<N> and subnet 10.199.<N>.0/24, with N free when picked.
+    """
+    start = os.getpid() % 180
+    for i in range(180):
+        n = 20 + (start + i) % 180
+        if not Path(f"/sys/class/net/crt{n}").exists():
+            return n
+    raise RuntimeError("no free test network index")
+
+
+RUN_INDEX = _run_index()
+
+
 @dataclass
 class PodNet:
     """A CNI network for sandbox tests: its own bridge, subnet, IPAM store and plugins dir."""
@@ -139,9 +160,13 @@ class PodNet:
     conf_dir: Path
     plugin_dir: Path
     ipam: Path
-    name: str = "cribtest-sb"
-    bridge: str = "cribtest1"
-    subnet: str = "10.199.1.0/24"
+    name: str = f"cribtest-{RUN_INDEX}"
+    bridge: str = f"crt{RUN_INDEX}"
+    subnet: str = f"10.199.{RUN_INDEX}.0/24"
+
+    @property
+    def gateway(self) -> str:
+        return self.subnet.rsplit(".", 1)[0] + ".1"
 
     def write(self, extra_plugins: list[dict[str, object]] | None = None) -> None:
         """Write the conflist: bridge + host-local, any extra plugins, then portmap."""

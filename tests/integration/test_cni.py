@@ -1,4 +1,4 @@
-"""Pod networking with the real CNI plugins (bridge, host-local, portmap, loopback).
+"""Pod networking with the real CNI plugins (bridge, host-local, portmap) and crib's ``lo``.
 
 Uses its own bridge (cribtest0) and subnet (10.199.0.0/24), host-local state
 and CNI cache in tmp, and checks that DEL leaves no veth, IP or iptables rule.
@@ -8,6 +8,7 @@ Traffic goes only to the pod namespaces made here and to 127.0.0.1.
 from __future__ import annotations
 
 import asyncio
+import errno
 import ipaddress
 import json
 import socket
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from cri.errors import Internal
 from runtimeservice import cni, namespaces, netlink
 from runtimeservice.cni import CniError, PodNetwork, PodRef, PortMapping
 
@@ -138,7 +140,7 @@ def test_add_reach_portmap_and_delete(env: Env) -> None:
     assert ipaddress.ip_address(ip) in SUBNET
     assert env.allocated() == [ip]
     assert [a.address for a in asyncio.run(netlink.addresses(pod.net))] == [ip]
-    assert asyncio.run(netlink.link_exists("lo", pod.net))  # loopback plugin ran
+    assert asyncio.run(netlink.link_exists("lo", pod.net))
     assert "UP" in sh("nsenter", f"--net={pod.net}", "ip", "-br", "link", "show", "lo")
     veth = next(i.name for i in result.interfaces if i.name.startswith("veth"))
     assert asyncio.run(netlink.link_exists(veth))
@@ -239,3 +241,27 @@ def test_failing_plugin_gives_a_clear_error(env: Env, tmp_path: Path) -> None:
     assert "no addresses left" in info.value.message
     assert "failer" in info.value.message and "pool exhausted" in info.value.message
     assert list((tmp_path / "fail-cache" / "results").iterdir()) == []
+
+
+def test_lo_is_crib_s_job_whatever_the_plugins(env: Env, tmp_path: Path) -> None:
+    """ADD brings lo up with no loopback plugin installed; a refused netlink request is clear."""
+    plugins = tmp_path / "plugins"
+    plugins.mkdir()
+    for name in ("bridge", "host-local", "portmap"):  # no loopback
+        (plugins / name).symlink_to(PLUGINS / name)
+    env.net.plugin_dirs = [plugins]
+    pod, cid, ref = asyncio.run(env.new_pod(40))
+    assert pod.net is not None
+    assert "UP" not in sh("nsenter", f"--net={pod.net}", "ip", "-br", "link", "show", "lo")
+    asyncio.run(env.net.add(pod.net, cid, ref))
+    assert "UP" in sh("nsenter", f"--net={pod.net}", "ip", "-br", "link", "show", "lo")
+    asyncio.run(netlink.loopback_up(pod.net))  # again: fine
+
+    def no_such_link() -> None:
+        netlink.set_link_up(99999)
+
+    with pytest.raises(Internal) as err:
+        asyncio.run(namespaces.run_in_namespaces({namespaces.NamespaceKind.NET: pod.net},
+                                                 no_such_link))
+    cause = err.value.__cause__
+    assert isinstance(cause, OSError) and cause.errno == errno.ENODEV  # the kernel's ack

@@ -161,6 +161,17 @@ def test_failing_cni_plugin_is_a_clear_error_and_leaves_nothing(
     nothing_left(d, pod_net)  # the bridge plugin's IP and veth were rolled back too
 
 
+def test_infra_failing_while_cni_adds_unwinds_both(pod_crib: PodCrib, pod_net: PodNet) -> None:
+    """The infra process starts at the same time as CNI ADD; its failure undoes the ADD too."""
+    d = pod_crib(extra_config="\n[runtime]\ninfra_binary = '/nonexistent/catatonit'\n")
+    err = rpc_error(lambda: run(d, pod_config("infra-fails", pid=api_pb2.NamespaceMode.POD)))
+    assert err.code() != grpc.StatusCode.OK
+    details = err.details() or ""
+    assert "run" in details and "/nonexistent/catatonit" in details, details
+    nothing_left(d, pod_net)
+    assert list((d.runroot / "runtimes").glob("*/*")) == []  # no runc state left
+
+
 def test_daemon_killed_during_run_recovers_to_absent(
         tmp_path: Path, pod_crib: PodCrib, pod_net: PodNet) -> None:
     gate = Gate(pod_net, tmp_path)

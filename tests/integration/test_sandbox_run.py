@@ -1,6 +1,6 @@
 """RunPodSandbox through a real daemon, real CNI plugins, runc and catatonit.
 
-The network is the test's own (bridge cribtest1, 10.199.1.0/24, IPAM in tmp);
+The network is the test run's own (bridge crt<N>, 10.199.<N>.0/24, IPAM in tmp);
 traffic goes only to pod IPs in namespaces made here and to 127.0.0.1. The
 `pod_net` fixture checks after each test that no netns, mount, veth, IP, NAT
 rule, cgroup, runc state or record is left.
@@ -199,7 +199,7 @@ def test_run_ready_reachable_with_files_ports_and_sysctls(pod_crib: PodCrib,
     assert details["pid"] == 0 and "pid" not in paths  # no shared PID namespace: no infra
 
     with listener_in(netns):
-        assert fetch(ip, 8080).startswith("hello 10.199.1.1")
+        assert fetch(ip, 8080).startswith(f"hello {pod_net.gateway}")
         assert fetch("127.0.0.1", host_port).startswith("hello ")
     stop(d, sid)
     remove(d, sid)

@@ -13,11 +13,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 from pathlib import Path
+from typing import Protocol
 from urllib.parse import parse_qs, urlsplit
 
 from api import api_pb2
-from cri.streaming.server import StreamingServer
+
+
+class UrlSource(Protocol):
+    """Where streaming URLs come from: crib's StreamingServer, or a daemon's RPCs."""
+
+    def get_exec_url(self, req: api_pb2.ExecRequest) -> str: ...
+
+    def get_attach_url(self, req: api_pb2.AttachRequest) -> str: ...
+
+    def get_portforward_url(self, req: api_pb2.PortForwardRequest) -> str: ...
 
 
 def _pod(namespace: str, name: str) -> bytes:
@@ -50,9 +61,11 @@ def _json_response(body: bytes, status: str = "200 OK") -> bytes:
 
 
 class FakeApiServer:
-    def __init__(self, streaming: StreamingServer, sandbox_id: str = "pod1") -> None:
+    def __init__(self, streaming: UrlSource, sandbox_id: str = "pod1",
+                 container_id: str = "c1") -> None:
         self.streaming = streaming
         self.sandbox_id = sandbox_id
+        self.container_id = container_id
         self.port = 0
         self.requests: list[str] = []
         self._server: asyncio.base_events.Server | None = None
@@ -123,11 +136,11 @@ class FakeApiServer:
 
         if kind == "exec":
             return self.streaming.get_exec_url(api_pb2.ExecRequest(
-                container_id="c1", cmd=q.get("command", []), tty=flag("tty"),
+                container_id=self.container_id, cmd=q.get("command", []), tty=flag("tty"),
                 stdin=flag("stdin"), stdout=flag("stdout"), stderr=flag("stderr")))
         if kind == "attach":
             return self.streaming.get_attach_url(api_pb2.AttachRequest(
-                container_id="c1", tty=flag("tty"), stdin=flag("stdin"),
+                container_id=self.container_id, tty=flag("tty"), stdin=flag("stdin"),
                 stdout=flag("stdout"), stderr=flag("stderr")))
         ports = [int(p) for v in q.get("ports", []) for p in v.split(",")]
         return self.streaming.get_portforward_url(api_pb2.PortForwardRequest(
@@ -153,3 +166,30 @@ class FakeApiServer:
             await asyncio.gather(pump(reader, up_writer), pump(up_reader, writer))
         finally:
             up_writer.close()
+
+
+# ---------------------------------------------------------------- kubectl
+
+
+SPDY = {"KUBECTL_REMOTE_COMMAND_WEBSOCKETS": "false", "KUBECTL_PORT_FORWARD_WEBSOCKETS": "false"}
+WEBSOCKET = {"KUBECTL_REMOTE_COMMAND_WEBSOCKETS": "true"}
+
+
+class Kubectl:
+    def __init__(self, api: FakeApiServer, tmp: Path) -> None:
+        self.config = api.kubeconfig(tmp)
+        self.cache = tmp / "kube-cache"   # never ~/.kube
+
+    def argv(self, *args: str) -> list[str]:
+        return ["kubectl", "--kubeconfig", str(self.config), "--cache-dir", str(self.cache),
+                *args]
+
+    async def run(self, *args: str, env: dict[str, str],
+                  stdin: bytes | None = None) -> tuple[int, bytes, bytes]:
+        proc = await asyncio.create_subprocess_exec(
+            *self.argv(*args), env={**os.environ, **env},
+            stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        out, err = await proc.communicate(stdin)
+        assert proc.returncode is not None
+        return proc.returncode, out, err

@@ -206,8 +206,8 @@ class SpdyClient:
             await self.writer.drain()
 
     def _consumed(self, stream: ClientStream, n: int) -> None:
-        if not self.flow_control or self.lost:
-            return
+        if not self.flow_control or self.lost or self.goaway is not None:
+            return  # (after GOAWAY our sending side is shut: the data is all there)
         stream.unacked += n
         self.session_unacked += n
         updates = []
@@ -310,7 +310,7 @@ class SpdyClient:
             pid = int.from_bytes(p[:4], "big")
             self.pings.append(pid)
             self._wake_all()
-            if pid % 2 == 0:  # the server's ping: echo it (frames are small: no drain)
+            if pid % 2 == 0 and self.goaway is None:  # the server's: echo it (small: no drain)
                 self.writer.write(_u32(CONTROL_BIT | (3 << 16) | PING) + _u32(4) + p)
         elif ftype == GOAWAY:
             self.goaway = (sid, int.from_bytes(p[4:8], "big"))

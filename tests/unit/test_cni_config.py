@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from cri.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument
-from runtimeservice import cni
+from runtimeservice import cni, netlink
 from runtimeservice.cni import (
     CniError,
     PodNetwork,
@@ -64,8 +64,14 @@ class Fake:
         self.log.touch()
         monkeypatch.setenv("FAKE_CNI_LOG", str(self.log))
         monkeypatch.setenv("FAKE_CNI_DIR", str(self.dir))
-        for name in ("alpha", "beta", "loopback"):
+        for name in ("alpha", "beta", "loopback"):  # a loopback plugin crib must not run
             self.add_plugin(name)
+        self.lo_up: list[Path] = []  # where crib brought lo up itself (netlink, stood in)
+
+        async def loopback_up(netns: Path) -> None:
+            self.lo_up.append(netns)
+
+        monkeypatch.setattr(netlink, "loopback_up", loopback_up)
         self.conf_dir = tmp / "net.d"
         self.conf_dir.mkdir()
         self.cache = tmp / "cache"
@@ -195,8 +201,8 @@ def test_add_chains_results_and_passes_capabilities(fake: Fake) -> None:
                               port_mappings=[PortMapping(8080, 80, "TCP")],
                               dns=DnsConfig(servers=("10.96.0.10",))))
     assert res.pod_ips() == ["10.199.0.7"] and res.ips[0].gateway == "10.199.0.1"
-    lo, alpha, beta = fake.calls()
-    assert (lo["plugin"], lo["ifname"], lo["cmd"]) == ("loopback", "lo", "ADD")
+    alpha, beta = fake.calls()  # lo is crib's job: no loopback plugin, even when installed
+    assert fake.lo_up == [Path("/run/ns/x")]
     for c in (alpha, beta):
         assert c["cmd"] == "ADD" and c["cid"] == CID and c["ifname"] == "eth0"
         assert c["netns"] == "/run/ns/x" and c["path"] == str(fake.dir)

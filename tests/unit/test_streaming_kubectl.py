@@ -18,33 +18,9 @@ import pytest
 
 from tests.streamclient.fake_backend import FakeBackend
 from tests.streamclient.harness import run, serving
-from tests.streamclient.kubeapi import FakeApiServer
+from tests.streamclient.kubeapi import SPDY, WEBSOCKET, FakeApiServer, Kubectl
 
 pytestmark = pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl not installed")
-
-SPDY = {"KUBECTL_REMOTE_COMMAND_WEBSOCKETS": "false", "KUBECTL_PORT_FORWARD_WEBSOCKETS": "false"}
-WEBSOCKET = {"KUBECTL_REMOTE_COMMAND_WEBSOCKETS": "true"}
-
-
-class Kubectl:
-    def __init__(self, api: FakeApiServer, tmp: Path) -> None:
-        self.config = api.kubeconfig(tmp)
-        self.cache = tmp / "kube-cache"   # never ~/.kube
-
-    def argv(self, *args: str) -> list[str]:
-        return ["kubectl", "--kubeconfig", str(self.config), "--cache-dir", str(self.cache),
-                *args]
-
-    async def run(self, *args: str, env: dict[str, str],
-                  stdin: bytes | None = None) -> tuple[int, bytes, bytes]:
-        proc = await asyncio.create_subprocess_exec(
-            *self.argv(*args), env={**os.environ, **env},
-            stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-        out, err = await proc.communicate(stdin)
-        assert proc.returncode is not None
-        return proc.returncode, out, err
-
 
 @asynccontextmanager
 async def kubectl_env(tmp: Path, backend: FakeBackend | None = None) -> AsyncIterator[Kubectl]:
