@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from cri import tracing
+from cri import metrics, tracing
 from cri.errors import Cancelled, CribError, Internal, ResourceExhausted
 from imageservice.auth import AuthFile, Credentials
 from imageservice.content import ContentStore
@@ -153,24 +153,38 @@ class Puller:
     async def _pull(self, raw: str, sources: list[PullSource], credentials: Credentials | None,
                     policy: Policy) -> PullResult:
         started = time.monotonic()
-        with tracing.child_span("image.pull", **{"image.ref": raw}):
-            source, repo, resolved = await self._resolve(sources, credentials, policy)
-            config = resolved.config_json()
-            diff_ids = _diff_ids(config, resolved)
-            chains = chain_ids(diff_ids)
-            job = _Job()
-            digests = [resolved.digest, resolved.manifest.digest, resolved.config.digest,
-                       *(layer.digest for layer in resolved.layers)]
-            try:
-                with self.stores.content.lease(digests), self.stores.layers.lease(chains):
-                    record = await self._store(job, repo, source, resolved, config,
-                                               diff_ids, chains)
-            except BaseException:
-                await self._discard(job)
-                raise
+        job = _Job()
+        try:
+            with tracing.child_span("image.pull", **{"image.ref": raw}):
+                record, repo, layers = await self._pull_into(job, sources, credentials, policy)
+        except Exception:
+            if metrics.ENABLED:
+                metrics.record_pull(job.fetched, time.monotonic() - started, ok=False)
+            raise
+        elapsed = time.monotonic() - started
+        if metrics.ENABLED:
+            metrics.record_pull(job.fetched, elapsed, ok=True)
         log.info("pulled %s as %s from %s: %d layer(s), %d bytes fetched in %.2fs",
-                 raw, record.id, repo.name, len(chains), job.fetched, time.monotonic() - started)
+                 raw, record.id, repo.name, layers, job.fetched, elapsed)
         return PullResult(record.id, repo.name, job.fetched)
+
+    async def _pull_into(self, job: _Job, sources: list[PullSource],
+                         credentials: Credentials | None, policy: Policy
+                         ) -> tuple[ImageRecord, Repository, int]:
+        source, repo, resolved = await self._resolve(sources, credentials, policy)
+        config = resolved.config_json()
+        diff_ids = _diff_ids(config, resolved)
+        chains = chain_ids(diff_ids)
+        digests = [resolved.digest, resolved.manifest.digest, resolved.config.digest,
+                   *(layer.digest for layer in resolved.layers)]
+        try:
+            with self.stores.content.lease(digests), self.stores.layers.lease(chains):
+                record = await self._store(job, repo, source, resolved, config,
+                                           diff_ids, chains)
+        except BaseException:
+            await self._discard(job)
+            raise
+        return record, repo, len(chains)
 
     async def _resolve(self, sources: list[PullSource], credentials: Credentials | None,
                        policy: Policy) -> tuple[PullSource, Repository, ResolvedImage]:

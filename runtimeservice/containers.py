@@ -310,6 +310,10 @@ class ContainerManager:
         """The pod's visible containers, oldest first."""
         return ordered(r for r in self.store.all() if r.visible and r.sandbox_id == sandbox_id)
 
+    def pod_container_statuses(self, sandbox_id: str) -> builtins.list[api_pb2.ContainerStatus]:
+        """What PodSandboxStatus carries for the kubelet's evented PLEG."""
+        return [to_status(r) for r in self.pod_containers(sandbox_id)]
+
     async def pod_stats(self, sandbox_id: str) -> api_pb2.PodSandboxStats:
         if not sandbox_id:
             raise InvalidArgument("pod_sandbox_id must not be empty")

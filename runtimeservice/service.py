@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -145,7 +146,10 @@ class RuntimeService(ContainerHandlers, StreamingHandlers, OperatorHandlers):
 
     async def PodSandboxStatus(self, request: api_pb2.PodSandboxStatusRequest, context: Ctx
                                ) -> api_pb2.PodSandboxStatusResponse:
-        return self.sandboxes.status(request.pod_sandbox_id, request.verbose)
+        resp = self.sandboxes.status(request.pod_sandbox_id, request.verbose)
+        resp.containers_statuses.extend(self.containers.pod_container_statuses(resp.status.id))
+        resp.timestamp = time.time_ns()
+        return resp
 
     async def ListPodSandbox(self, request: api_pb2.ListPodSandboxRequest, context: Ctx
                              ) -> api_pb2.ListPodSandboxResponse:

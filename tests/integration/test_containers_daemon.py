@@ -69,6 +69,10 @@ def test_lifecycle_logs_exec_stats_and_image_hooks(ctr_crib: CtrCrib,
     assert st.log_path == str(d.base / "logs" / "life" / "main" / "0.log")
     assert listed(d, api_pb2.ContainerFilter(pod_sandbox_id=sid)) == [cid]
     start(d, cid)
+    pod_status = d.runtime.PodSandboxStatus(api_pb2.PodSandboxStatusRequest(pod_sandbox_id=sid))
+    assert [c.id for c in pod_status.containers_statuses] == [cid]
+    assert pod_status.containers_statuses[0].state == api_pb2.ContainerState.CONTAINER_RUNNING
+    assert pod_status.timestamp > 0
     assert status(d, cid).state == RUNNING
     running = api_pb2.ContainerStateValue(state=RUNNING)
     assert listed(d, api_pb2.ContainerFilter(state=running, label_selector={"role": "main"},

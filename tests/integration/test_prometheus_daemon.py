@@ -118,6 +118,9 @@ def test_endpoint_parses_and_counters_move(ctr_crib: CtrCrib, test_registry: See
     assert value(now, "crib_containers", state="created") == 0
     assert value(now, "crib_sandboxes", state="ready") == 1
     assert value(now, "process_cpu_seconds_total") >= value(first, "process_cpu_seconds_total")
+    assert value(now, "crib_image_pulls_total", result="success") == 1
+    assert value(now, "crib_image_pull_bytes_total") > 0
+    assert value(now, "crib_image_pull_duration_seconds_count") == 1
 
     stop(d, cid)
     wait_state(d, cid, api_pb2.ContainerState.CONTAINER_EXITED)
