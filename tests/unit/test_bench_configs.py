@@ -6,9 +6,9 @@ import tomllib
 from pathlib import Path
 
 from cri.config import load
-from hack.bench.containerd import render_config, render_hosts_toml
-from hack.bench.cribd import render_config as render_crib_config
-from hack.bench.runtime import cni_conflist
+from hack.benchmarks.containerd import render_config, render_hosts_toml
+from hack.benchmarks.cribd import render_config as render_crib_config
+from hack.benchmarks.runtime import cni_conflist
 
 CRI = "io.containerd.grpc.v1.cri"
 

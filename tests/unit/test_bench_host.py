@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from hack.bench import host
-from hack.bench.host import Owned, cni_cache_entries
+from hack.benchmarks import host
+from hack.benchmarks.host import Owned, cni_cache_entries
 
 
 def test_mountinfo_escapes_are_decoded() -> None:

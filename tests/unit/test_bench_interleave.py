@@ -7,9 +7,9 @@ from typing import cast
 import grpc
 import pytest
 
-from hack.bench.cri_client import CriClient, describe_error, is_unimplemented
-from hack.bench.runtime import BenchRuntime
-from hack.bench.scenarios import Series, Side, interleave, run_interleaved
+from hack.benchmarks.cri_client import CriClient, describe_error, is_unimplemented
+from hack.benchmarks.runtime import BenchRuntime
+from hack.benchmarks.scenarios import Series, Side, interleave, run_interleaved
 
 
 class FakeRpcError(grpc.RpcError):

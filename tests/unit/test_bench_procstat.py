@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from hack.bench.procstat import (
+from hack.benchmarks.procstat import (
     CLK_TCK,
     PAGE_KIB,
     ProcInfo,

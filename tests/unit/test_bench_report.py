@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from hack.bench.report import (
+from hack.benchmarks.report import (
     CONTAINERD,
     CRIB,
     Metric,

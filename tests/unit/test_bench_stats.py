@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from hack.bench.stats import percentile, ratio, summarize
+from hack.benchmarks.stats import percentile, ratio, summarize
 
 
 def test_percentile_interpolates_between_closest_ranks() -> None:

@@ -1,6 +1,6 @@
 """Container latency and footprint through a real daemon, runc, conmon and CNI.
 
-    sudo python3 -m hack.bench.containers [--n 20] [--concurrent 10] [--scale 100]
+    sudo python3 -m hack.benchmarks.containers [--n 20] [--concurrent 10] [--scale 100]
 
 Starts Debian's docker-registry on 127.0.0.1 (temporary storage) with
 crib-test/busybox, and crib on a temporary root/runroot with its own CNI

@@ -21,8 +21,8 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from hack.bench.host import Owned
-from hack.bench.runtime import BenchRuntime
+from hack.benchmarks.host import Owned
+from hack.benchmarks.runtime import BenchRuntime
 from hack.testimages import RegistryClient, model
 from hack.testimages.compose import BlobStore, Builder
 from hack.testimages.tarlayer import file

@@ -14,7 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from hack.bench.runtime import BenchRuntime
+from hack.benchmarks.runtime import BenchRuntime
 
 ROOT = Path(__file__).resolve().parents[2]
 

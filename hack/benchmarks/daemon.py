@@ -1,6 +1,6 @@
 """Daemon baseline: start-up to first Version, idle RSS, Version round trip.
 
-    sudo .venv/bin/python -m hack.bench.daemon [--calls 10000]
+    sudo .venv/bin/python -m hack.benchmarks.daemon [--calls 10000]
 
 Starts crib on a temporary socket/root/runroot, measures, stops it, and prints
 JSON. Numbers go in notes; nothing here asserts a speed.

@@ -1,6 +1,6 @@
 """Pod sandbox latency through a real daemon, real CNI plugins (and runc for infra).
 
-    sudo python3 -m hack.bench.sandbox [--n 30] [--concurrent 10] [--shared-pid]
+    sudo python3 -m hack.benchmarks.sandbox [--n 30] [--concurrent 10] [--shared-pid]
 
 Starts crib on a temporary root/runroot with its own CNI network (bridge
 cribbench0, 10.199.2.0/24, IPAM in the temp dir), then measures:

@@ -16,10 +16,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from api import api_pb2
-from hack.bench import procstat
-from hack.bench.cri_client import READY, CriClient, Pod, describe_error
-from hack.bench.report import Metric, latency_metrics
-from hack.bench.runtime import BenchRuntime
+from hack.benchmarks import procstat
+from hack.benchmarks.cri_client import READY, CriClient, Pod, describe_error
+from hack.benchmarks.report import Metric, latency_metrics
+from hack.benchmarks.runtime import BenchRuntime
 
 EXEC_CMD = ["/bin/true"]
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hack.bench.stats import Summary, ratio, summarize
+from hack.benchmarks.stats import Summary, ratio, summarize
 
 CRIB = "crib"
 CONTAINERD = "containerd"

@@ -17,9 +17,9 @@ from typing import IO, Any
 import grpc
 
 from api import api_pb2, api_pb2_grpc
-from hack.bench import procstat
-from hack.bench.cri_client import POD_NAMESPACE
-from hack.bench.host import Owned
+from hack.benchmarks import procstat
+from hack.benchmarks.cri_client import POD_NAMESPACE
+from hack.benchmarks.host import Owned
 
 START_TIMEOUT = 60.0
 STOP_TIMEOUT = 30.0

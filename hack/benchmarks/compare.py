@@ -1,6 +1,6 @@
 """crib against containerd on this machine, same work, same run: a table and JSON.
 
-    hack/benchmark [--quick] [--json out.json]      (as root)
+    hack/bench [--quick] [--json out.json]      (as root)
 
 Starts a local registry (test images + a pause image for containerd), then
 containerd and crib on private sockets, roots, cgroups and CNI networks,
@@ -31,14 +31,14 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from hack.bench import procstat, scenarios
-from hack.bench.containerd import Containerd, push_pause_image
-from hack.bench.cri_client import CriClient, describe_error
-from hack.bench.cribd import Crib
-from hack.bench.host import HostGuard, kill_and_wait, pids_with_marker
-from hack.bench.report import CONTAINERD, Metric, format_table, write_json
-from hack.bench.runtime import BenchRuntime
-from hack.bench.scenarios import Side
+from hack.benchmarks import procstat, scenarios
+from hack.benchmarks.containerd import Containerd, push_pause_image
+from hack.benchmarks.cri_client import CriClient, describe_error
+from hack.benchmarks.cribd import Crib
+from hack.benchmarks.host import HostGuard, kill_and_wait, pids_with_marker
+from hack.benchmarks.report import CONTAINERD, Metric, format_table, write_json
+from hack.benchmarks.runtime import BenchRuntime
+from hack.benchmarks.scenarios import Side
 from hack.testimages import build_images, push_all
 from tests.integration.registry import Registry, start_registry
 
@@ -204,7 +204,7 @@ def metadata(runtimes: list[BenchRuntime], plan: Plan) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="hack/benchmark",
+    ap = argparse.ArgumentParser(prog="hack/bench",
                                  description=__doc__.splitlines()[0] if __doc__ else None)
     ap.add_argument("--quick", action="store_true", help="small N, 10 s steady load")
     ap.add_argument("--json", type=Path, help="write the results here as JSON")
@@ -216,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--logs", type=Path, help="copy the daemons' logs into this directory")
     args = ap.parse_args(argv)
     if os.geteuid() != 0:
-        print("hack/benchmark: run as root", file=sys.stderr)
+        print("hack/bench: run as root", file=sys.stderr)
         return 1
     plan = Plan.from_args(args)
     _terminate_on_sigterm()

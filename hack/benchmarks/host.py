@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hack.bench import procstat
+from hack.benchmarks import procstat
 
 MNT_DETACH = 2
 IP_FORWARD = Path("/proc/sys/net/ipv4/ip_forward")

@@ -1,6 +1,6 @@
 """Pull benchmark: the ~200 MB crib-test/big image from a local registry through crib.
 
-    sudo python3 -m hack.bench.pull [--runs 3] [--downloads 3]
+    sudo python3 -m hack.benchmarks.pull [--runs 3] [--downloads 3]
 
 Starts Debian's docker-registry on 127.0.0.1 (temporary storage), pushes
 crib-test/big (built into the test-image cache if needed), starts crib on a
