@@ -115,6 +115,10 @@ class AuthProxy:
         self._tokens: dict[str, _Token] = {}
         self._faults = _Faults()
         self._records: list[RequestRecord] = []
+        # Requests being served: a record is written after the response, so a
+        # client can hold every byte before it exists; readers wait for these.
+        self._busy = 0
+        self._idle = threading.Condition()
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
 
@@ -209,8 +213,19 @@ class AuthProxy:
         with self._lock:
             self._records.append(rec)
 
+    def _enter(self) -> None:
+        with self._idle:
+            self._busy += 1
+
+    def _leave(self) -> None:
+        with self._idle:
+            self._busy -= 1
+            self._idle.notify_all()
+
     @property
     def records(self) -> list[RequestRecord]:
+        with self._idle:
+            self._idle.wait_for(lambda: self._busy == 0, timeout=10)
         with self._lock:
             return list(self._records)
 
@@ -292,7 +307,11 @@ class _Handler(BaseHTTPRequestHandler):
         pass
 
     def do_GET(self) -> None:
-        self._handle()
+        self.proxy._enter()
+        try:
+            self._handle()
+        finally:
+            self.proxy._leave()
 
     do_HEAD = do_POST = do_PUT = do_PATCH = do_DELETE = do_GET
 
