@@ -25,10 +25,8 @@ import contextlib
 import functools
 import json
 import logging
-import os
 import re
 import shutil
-import signal
 import tempfile
 import time
 from collections.abc import Callable, Collection, Sequence
@@ -38,7 +36,6 @@ from typing import Any
 
 from cri.errors import (
     CribError,
-    DeadlineExceeded,
     FailedPrecondition,
     Internal,
     NotFound,
@@ -177,36 +174,12 @@ def dump_log_errors(work_path: Path, limit: int = 400) -> str:
 async def _run_checkpoint(
     runtime: OciRuntime, container_id: str, args: Sequence[str], work_path: Path, timeout: float
 ) -> None:
-    argv = runtime.argv(args)
-    log.debug("running %s", " ".join(argv))
-    try:
-        proc = await asyncio.create_subprocess_exec(
-            *argv,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            start_new_session=True,
-        )
-    except OSError as e:
-        raise FailedPrecondition(
-            f"runtime handler {runtime.handler!r}: cannot run {runtime.path}: {e.strerror}"
-        ) from e
-    try:
-        out, err = await asyncio.wait_for(proc.communicate(), timeout)
-    except (TimeoutError, asyncio.CancelledError) as e:
-        # The runtime and the criu it started share a new session: end both.
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        await proc.wait()
-        if isinstance(e, asyncio.CancelledError):
-            raise
-        raise DeadlineExceeded(
-            f"checkpoint of container {container_id} did not finish within {timeout:g}s"
-        ) from None
-    if proc.returncode == 0:
+    result = await runtime.run(args, what=f"checkpoint {container_id}", check=False,
+                               timeout=timeout)
+    if result.returncode == 0:
         return
-    error = runtime.error(f"checkpoint {container_id}", err.decode(errors="replace"),
-                          out.decode(errors="replace"))
+    error = runtime.error(f"checkpoint {container_id}", result.stderr.decode(errors="replace"),
+                          result.stdout.decode(errors="replace"))
     # runc names its dump.log, which goes with the staging dir: quote it instead.
     message = re.sub(r"\s*log file: \S+", "", error.message).rstrip()
     detail = await asyncio.to_thread(dump_log_errors, work_path)

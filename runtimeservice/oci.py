@@ -92,7 +92,7 @@ def signal_name(sig: int | str) -> str:
 
 
 @dataclass(frozen=True)
-class _Result:
+class RunResult:
     returncode: int
     stdout: bytes
     stderr: bytes
@@ -180,7 +180,7 @@ class OciRuntime:
 
     # ---- invocation ----
 
-    async def _run(
+    async def run(
         self,
         args: Sequence[str],
         *,
@@ -188,7 +188,9 @@ class OciRuntime:
         what: str,
         check: bool = True,
         timeout: float | None = None,
-    ) -> _Result:
+    ) -> RunResult:
+        """One invocation of the runtime binary; on timeout or cancellation its whole
+        session (the runtime and anything it started) is killed."""
         argv = self.argv(args)
         log.debug("running %s", " ".join(argv))
         try:
@@ -207,15 +209,17 @@ class OciRuntime:
         try:
             out, err = await asyncio.wait_for(proc.communicate(stdin), limit)
         except (TimeoutError, asyncio.CancelledError) as e:
+            # The runtime runs in a session of its own; end everything it started
+            # with it (runc init, or the criu a checkpoint runs).
             with contextlib.suppress(ProcessLookupError):
-                proc.kill()
+                os.killpg(proc.pid, signal_mod.SIGKILL)
             await proc.wait()
             if isinstance(e, asyncio.CancelledError):
                 raise
             raise DeadlineExceeded(
                 f"{self.handler} {what} did not finish within {limit:g}s"
             ) from None
-        result = _Result(proc.returncode or 0, out, err)
+        result = RunResult(proc.returncode or 0, out, err)
         if check and result.returncode != 0:
             raise self.error(what, err.decode(errors="replace"))
         return result
@@ -314,12 +318,12 @@ class OciRuntime:
                 os.unlink(log_file)
 
     async def start(self, container_id: str) -> None:
-        await self._run(["start", container_id], what=f"start {container_id}")
+        await self.run(["start", container_id], what=f"start {container_id}")
 
     async def kill(self, container_id: str, sig: int | str, all: bool = False) -> bool:
         """Send a signal. Returns False when the container has no process to
         signal (already stopped); raises NotFound when it does not exist."""
-        res = await self._run(
+        res = await self.run(
             self.kill_args(container_id, sig, all), what=f"kill {container_id}", check=False
         )
         if res.returncode == 0:
@@ -335,7 +339,7 @@ class OciRuntime:
     async def delete(self, container_id: str, force: bool = False) -> None:
         """Delete the container; deleting one that does not exist succeeds."""
         args = ["delete", *(["--force"] if force else []), container_id]
-        res = await self._run(args, what=f"delete {container_id}", check=False)
+        res = await self.run(args, what=f"delete {container_id}", check=False)
         if res.returncode == 0:
             return
         err = self.error(f"delete {container_id}", res.stderr.decode(errors="replace"))
@@ -344,7 +348,7 @@ class OciRuntime:
         raise err
 
     async def state(self, container_id: str) -> OciState:
-        res = await self._run(["state", container_id], what=f"state {container_id}")
+        res = await self.run(["state", container_id], what=f"state {container_id}")
         try:
             raw = json.loads(res.stdout)
             return OciState(
@@ -361,21 +365,21 @@ class OciRuntime:
             ) from e
 
     async def pause(self, container_id: str) -> None:
-        await self._run(["pause", container_id], what=f"pause {container_id}")
+        await self.run(["pause", container_id], what=f"pause {container_id}")
 
     async def resume(self, container_id: str) -> None:
-        await self._run(["resume", container_id], what=f"resume {container_id}")
+        await self.run(["resume", container_id], what=f"resume {container_id}")
 
     async def update(self, container_id: str, resources: Mapping[str, Any] | str) -> None:
         """Apply OCI `linux.resources` (a mapping or its JSON text) to a live container."""
         body = resources if isinstance(resources, str) else json.dumps(resources)
         if self.flavor is RuntimeFlavor.RUNC:
-            await self._run(self.update_args(container_id, "-"), stdin=body.encode(),
+            await self.run(self.update_args(container_id, "-"), stdin=body.encode(),
                             what=f"update {container_id}")
             return
         path = await asyncio.to_thread(_write_temp, body, self.root)
         try:
-            await self._run(self.update_args(container_id, path), what=f"update {container_id}")
+            await self.run(self.update_args(container_id, path), what=f"update {container_id}")
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
@@ -384,7 +388,7 @@ class OciRuntime:
         self, container_id: str, process_file: str, pid_file: str
     ) -> int:
         """`exec --detach`: start a process and return its host pid."""
-        await self._run(
+        await self.run(
             self.exec_args(container_id, process_file, pid_file=pid_file, detach=True),
             what=f"exec in {container_id}",
         )
@@ -395,7 +399,7 @@ class OciRuntime:
     async def features(self) -> RuntimeFeatures | None:
         """`<runtime> features`, cached; None when the runtime has no such command."""
         if not self._features_known:
-            res = await self._run(["features"], what="features", check=False)
+            res = await self.run(["features"], what="features", check=False)
             if res.returncode == 0:
                 try:
                     self._features = RuntimeFeatures.parse(json.loads(res.stdout))
@@ -406,7 +410,7 @@ class OciRuntime:
 
     async def version(self) -> RuntimeVersion:
         if self._version is None:
-            res = await self._run(["--version"], what="--version")
+            res = await self.run(["--version"], what="--version")
             self._version = parse_version(res.stdout.decode(errors="replace"), self.flavor.value)
         return self._version
 
