@@ -35,10 +35,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from cri.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound
-from runtimeservice.oci import OciRuntime
+from runtimeservice.oci import OciRuntime, read_text
 from runtimeservice.ocierrors import runtime_error_message
 
 log = logging.getLogger(__name__)
+
+# How long a killed exec waits for the runtime to name the process it started.
+PID_FILE_WAIT = 5.0
 
 DEFAULT_OUTPUT_LIMIT = 16 * 1024 * 1024
 # After the command exits, how long to wait for its stdio to reach EOF: a
@@ -175,7 +178,7 @@ async def exec_sync(
         try:
             await asyncio.wait_for(proc.wait(), timeout or None)
         except BaseException as e:
-            await _kill(proc, pid_file)
+            await kill_exec(proc, pid_file)
             for r in readers:
                 r.cancel()
             await asyncio.gather(*readers, return_exceptions=True)
@@ -191,7 +194,7 @@ async def exec_sync(
         await asyncio.gather(*readers, return_exceptions=True)
         code = proc.returncode or 0
         if code != 0:
-            runtime_log = await asyncio.to_thread(_read_text, log_file)
+            runtime_log = await asyncio.to_thread(read_text, log_file)
             if runtime_error_message(runtime_log):
                 # The runtime itself failed: the command never ran.
                 raise runtime.error(f"exec in container {container_id}", runtime_log)
@@ -203,25 +206,63 @@ async def exec_sync(
         await asyncio.to_thread(shutil.rmtree, work, True)
 
 
-async def _kill(proc: asyncio.subprocess.Process, pid_file: str) -> None:
-    """Kill the exec'd process group (named by the pid file), then the runtime."""
-    text = await asyncio.to_thread(_read_text, pid_file)
-    if text.strip().isdigit():
-        pid = int(text)
-        try:
-            os.killpg(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+async def kill_exec(proc: asyncio.subprocess.Process, pid_file: str) -> None:
+    """SIGKILL the exec'd process's session (named by the pid file) and the
+    runtime, and reap the runtime."""
+    pid = await _exec_pid(proc, pid_file)
+    if pid:
+        await asyncio.to_thread(_kill_session, pid)
     if proc.returncode is None:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
     await proc.wait()
 
 
-def _read_text(path: str) -> str:
-    try:
-        with open(path, errors="replace") as f:
-            return f.read()
-    except FileNotFoundError:
-        return ""
+async def _exec_pid(proc: asyncio.subprocess.Process, pid_file: str) -> int:
+    """The exec'd process's pid. The runtime writes the pid file just after
+    starting it (its output may reach the client first): while the runtime
+    runs, wait a little for the file, or the process would outlive the kill
+    in a session of its own."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + PID_FILE_WAIT
+    while True:
+        pid = await asyncio.to_thread(_read_pid, pid_file)
+        if pid or proc.returncode is not None or loop.time() > deadline:
+            return pid
+        await asyncio.sleep(0.01)
+
+
+def _kill_session(pid: int) -> None:
+    """SIGKILL the exec'd process and everything in its session (the runtime
+    makes it a session leader; an interactive shell puts each job in a
+    process group of its own)."""
+    if pid <= 0:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, signal.SIGKILL)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+    for member in _session_members(pid):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(member, signal.SIGKILL)
+
+
+def _session_members(sid: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(b")") + 2:].split()
+        if int(fields[3]) == sid:  # state ppid pgrp session ...
+            found.append(int(entry))
+    return found
+
+
+def _read_pid(path: str) -> int:
+    text = read_text(path).strip()
+    return int(text) if text.isdigit() else 0

@@ -51,7 +51,7 @@ from typing import BinaryIO
 from cri.errors import DeadlineExceeded, FailedPrecondition, Internal, InvalidArgument
 from runtimeservice.cgroups import CgroupDriver, CgroupManager, detect
 from runtimeservice.exitwatch import ExitInfo, read_exit_file
-from runtimeservice.oci import OciRuntime
+from runtimeservice.oci import OciRuntime, read_text
 
 log = logging.getLogger(__name__)
 
@@ -264,7 +264,7 @@ class Monitor:
             ) from None
         if value < 0:
             raise runtime.error(f"create {cid}", str(reply.get("message", "")))
-        conmon_pid = int((await asyncio.to_thread(_read_text, spec.conmon_pid_file)) or 0)
+        conmon_pid = int((await asyncio.to_thread(read_text, spec.conmon_pid_file)).strip() or 0)
         log.info("container %s created under conmon %d (pid %d)", cid, conmon_pid, value)
         return MonitoredContainer(container_id=cid, pid=value, conmon_pid=conmon_pid)
 
@@ -276,7 +276,7 @@ class Monitor:
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()
             await proc.wait()
-        conmon_pid = int((await asyncio.to_thread(_read_text, spec.conmon_pid_file)) or 0)
+        conmon_pid = int((await asyncio.to_thread(read_text, spec.conmon_pid_file)).strip() or 0)
         if conmon_pid and monitor_alive(conmon_pid, spec.container_id):
             # A conmon that reported failure exits by itself; give it a moment.
             for _ in range(50):
@@ -432,14 +432,6 @@ def _file_key(path: str) -> tuple[int, int] | None:
     except FileNotFoundError:
         return None
     return (st.st_dev, st.st_ino)
-
-
-def _read_text(path: str) -> str:
-    try:
-        with open(path) as f:
-            return f.read().strip()
-    except FileNotFoundError:
-        return ""
 
 
 def _unlink_all(paths: list[str]) -> None:

@@ -273,9 +273,9 @@ class OciRuntime:
                     f"{self.handler} create {container_id} did not finish within {self.timeout:g}s"
                 ) from None
             if rc != 0:
-                text = await asyncio.to_thread(_read_text, log_file)
+                text = await asyncio.to_thread(read_text, log_file)
                 raise self.error(f"create {container_id}", text)
-            return int((await asyncio.to_thread(_read_text, pid_file)).strip())
+            return int((await asyncio.to_thread(read_text, pid_file)).strip())
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(log_file)
@@ -311,8 +311,8 @@ class OciRuntime:
                                        f"within {self.timeout:g}s") from None
             if rc != 0:
                 raise self.error(f"run {container_id}",
-                                 await asyncio.to_thread(_read_text, log_file))
-            return int((await asyncio.to_thread(_read_text, pid_file)).strip())
+                                 await asyncio.to_thread(read_text, log_file))
+            return int((await asyncio.to_thread(read_text, pid_file)).strip())
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(log_file)
@@ -392,7 +392,7 @@ class OciRuntime:
             self.exec_args(container_id, process_file, pid_file=pid_file, detach=True),
             what=f"exec in {container_id}",
         )
-        return int((await asyncio.to_thread(_read_text, pid_file)).strip())
+        return int((await asyncio.to_thread(read_text, pid_file)).strip())
 
     # ---- information ----
 
@@ -419,7 +419,8 @@ def _guess_flavor(path: str) -> RuntimeFlavor:
     return RuntimeFlavor.CRUN if os.path.basename(path).startswith("crun") else RuntimeFlavor.RUNC
 
 
-def _read_text(path: str) -> str:
+def read_text(path: str) -> str:
+    """A small file's text (a pid file, a runtime log); empty when it does not exist (yet)."""
     try:
         with open(path, errors="replace") as f:
             return f.read()

@@ -44,16 +44,14 @@ from typing import Any
 from cri.errors import FailedPrecondition
 from cri.streaming.backend import InputStream, OutputStream, StreamIO, TerminalSize
 from runtimeservice.asyncfd import AsyncFd
-from runtimeservice.exec import write_process_file
-from runtimeservice.oci import OciRuntime
+from runtimeservice.exec import kill_exec, write_process_file
+from runtimeservice.oci import OciRuntime, read_text
 from runtimeservice.ocierrors import runtime_error_message
 from runtimeservice.settle import complete, settle
 
 log = logging.getLogger(__name__)
 
 READ_CHUNK = 64 * 1024
-# How long a cancelled exec waits for the runtime to name the process it started.
-PID_FILE_WAIT = 5.0
 
 
 async def exec_stream(runtime: OciRuntime, container_id: str, process: Mapping[str, Any],
@@ -75,7 +73,7 @@ async def exec_stream(runtime: OciRuntime, container_id: str, process: Mapping[s
         finally:
             await complete(session.cleanup())
         if code != 0:
-            text = await asyncio.to_thread(_read_text, log_file)
+            text = await asyncio.to_thread(read_text, log_file)
             if runtime_error_message(text):
                 # The runtime itself failed: the command never ran.
                 raise runtime.error(f"exec in container {container_id}", text)
@@ -221,73 +219,3 @@ def window_size(fd: int) -> TerminalSize:
     rows, cols, _, _ = struct.unpack(
         "HHHH", fcntl.ioctl(fd, termios.TIOCGWINSZ, b"\0" * 8))
     return TerminalSize(width=cols, height=rows)
-
-
-async def kill_exec(proc: asyncio.subprocess.Process, pid_file: str) -> None:
-    """SIGKILL the exec'd process's session (named by the pid file) and the
-    runtime, and reap the runtime."""
-    pid = await _exec_pid(proc, pid_file)
-    if pid:
-        await asyncio.to_thread(_kill_session, pid)
-    if proc.returncode is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-    await proc.wait()
-
-
-async def _exec_pid(proc: asyncio.subprocess.Process, pid_file: str) -> int:
-    """The exec'd process's pid. The runtime writes the pid file just after
-    starting it (its output may reach the client first): while the runtime
-    runs, wait a little for the file, or the process would outlive the kill
-    in a session of its own."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + PID_FILE_WAIT
-    while True:
-        pid = await asyncio.to_thread(_read_pid, pid_file)
-        if pid or proc.returncode is not None or loop.time() > deadline:
-            return pid
-        await asyncio.sleep(0.01)
-
-
-def _kill_session(pid: int) -> None:
-    """SIGKILL the exec'd process and everything in its session (the runtime
-    makes it a session leader; an interactive shell puts each job in a
-    process group of its own)."""
-    if pid <= 0:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(pid, signal.SIGKILL)
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGKILL)
-    for member in _session_members(pid):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(member, signal.SIGKILL)
-
-
-def _session_members(sid: int) -> list[int]:
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(b")") + 2:].split()
-        if int(fields[3]) == sid:  # state ppid pgrp session ...
-            found.append(int(entry))
-    return found
-
-
-def _read_pid(path: str) -> int:
-    text = _read_text(path).strip()
-    return int(text) if text.isdigit() else 0
-
-
-def _read_text(path: str) -> str:
-    try:
-        with open(path, errors="replace") as f:
-            return f.read()
-    except FileNotFoundError:
-        return ""
