@@ -25,7 +25,6 @@ import json
 import os
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -36,13 +35,11 @@ from pathlib import Path
 import grpc
 
 from api import api_pb2, api_pb2_grpc
+from hack.benchmarks.localcrib import BenchNet, cleanup_host, start_daemon
 from hack.testimages import build_image, push_all
-from runtimeservice import cni, namespaces
 
-ROOT = Path(__file__).resolve().parents[2]
-BRIDGE = "cribbench1"
-SUBNET = "10.199.3.0/24"
-CGROUP_PARENT = "/cribbench-ctr"
+NET = BenchNet(name="cribbenchctr", bridge="cribbench1", subnet="10.199.3.0/24",
+               cgroup_parent="/cribbench-ctr")
 
 
 def pct(values: list[float], p: float) -> float:
@@ -121,45 +118,13 @@ class Bench:
         return (time.perf_counter() - t) * 1000
 
 
-def start_daemon(base: Path, registry: str) -> tuple[subprocess.Popen[bytes], grpc.Channel]:
-    conf_dir = base / "net.d"
-    conf_dir.mkdir(parents=True)
-    conf = cni.default_conflist(SUBNET, BRIDGE, data_dir=base / "ipam", name="cribbenchctr")
-    (conf_dir / "10-bench.conflist").write_text(json.dumps(conf))
+def image_toml(base: Path, registry: str) -> str:
+    """The daemon pulls from the local test registry, and only from it."""
+    base.mkdir(parents=True, exist_ok=True)
     (base / "registries.conf").write_text("")
-    (base / "crib.toml").write_text(
-        f"[network]\ncni_conf_dir = '{conf_dir}'\n"
-        f"[image]\nregistries_conf = '{base / 'registries.conf'}'\n"
-        f"registries_conf_dir = '{base / 'registries.conf.d'}'\n"
-        f"insecure_registries = ['{registry}']\n")
-    sock = base / "run" / "crib.sock"
-    argv = [sys.executable, "-m", "cri", "--config", str(base / "crib.toml"), "--config-dir",
-            str(base / "d"), "--socket", str(sock), "--root", str(base / "root"), "--runroot",
-            str(base / "run"), "--log-level", "warning"]
-    proc = subprocess.Popen(argv, cwd=ROOT, stderr=(base / "crib.log").open("wb"),
-                            start_new_session=True)
-    while not sock.exists():
-        if proc.poll() is not None:
-            raise SystemExit((base / "crib.log").read_text())
-        time.sleep(0.01)
-    ch = grpc.insecure_channel(f"unix://{sock}")
-    stub = api_pb2_grpc.RuntimeServiceStub(ch)
-    while True:
-        try:
-            stub.ListContainers(api_pb2.ListContainersRequest(), timeout=5)
-            return proc, ch
-        except grpc.RpcError:
-            time.sleep(0.01)
-
-
-def cleanup_host(base: Path) -> None:
-    subprocess.run(["ip", "link", "del", BRIDGE], capture_output=True)
-    for root in (base / "run" / "ns", base / "run" / "pods"):
-        namespaces.release_root(root)
-    for h in Path("/sys/fs/cgroup").iterdir():
-        d = h / CGROUP_PARENT.strip("/")
-        if d.is_dir():
-            d.rmdir()
+    return (f"[image]\nregistries_conf = '{base / 'registries.conf'}'\n"
+            f"registries_conf_dir = '{base / 'registries.conf.d'}'\n"
+            f"insecure_registries = ['{registry}']\n")
 
 
 def measure(bench: Bench, daemon_pid: int, base: Path, args: argparse.Namespace
@@ -224,7 +189,7 @@ def main() -> int:
         base = Path(tmp)
         with start_registry(base / "registry") as reg:
             push_all(reg.address, [info])
-            proc, ch = start_daemon(base / "crib", reg.address)
+            proc, ch = start_daemon(base / "crib", NET, image_toml(base / "crib", reg.address))
             bench: Bench | None = None
             sandbox_id = ""
             try:
@@ -236,7 +201,7 @@ def main() -> int:
                     metadata=api_pb2.PodSandboxMetadata(name="bench", uid="bench-uid",
                                                         namespace="bench"),
                     hostname="bench", log_directory=str(base / "logs"),
-                    linux=api_pb2.LinuxPodSandboxConfig(cgroup_parent=CGROUP_PARENT))
+                    linux=api_pb2.LinuxPodSandboxConfig(cgroup_parent=NET.cgroup_parent))
                 rt = api_pb2_grpc.RuntimeServiceStub(ch)
                 sandbox_id = rt.RunPodSandbox(api_pb2.RunPodSandboxRequest(config=pod),
                                               timeout=120).pod_sandbox_id
@@ -256,7 +221,7 @@ def main() -> int:
                 ch.close()
                 os.kill(proc.pid, signal.SIGTERM)
                 proc.wait(60)
-                cleanup_host(base / "crib")
+                cleanup_host(base / "crib", NET)
     print(json.dumps(result, indent=1))
     return 0
 

@@ -18,22 +18,17 @@ import json
 import os
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import grpc
-
 from api import api_pb2, api_pb2_grpc
-from runtimeservice import cni, namespaces
+from hack.benchmarks.localcrib import BenchNet, cleanup_host, start_daemon
 
-ROOT = Path(__file__).resolve().parents[2]
-BRIDGE = "cribbench0"
-SUBNET = "10.199.2.0/24"
-CGROUP_PARENT = "/cribbench"
+NET = BenchNet(name="cribbench", bridge="cribbench0", subnet="10.199.2.0/24",
+               cgroup_parent="/cribbench")
 
 
 def pct(values: list[float], p: float) -> float:
@@ -61,7 +56,7 @@ class Bench:
                                                 namespace="bench"),
             hostname=f"bench-{n}", labels={"bench": "1"},
             linux=api_pb2.LinuxPodSandboxConfig(
-                cgroup_parent=CGROUP_PARENT,
+                cgroup_parent=NET.cgroup_parent,
                 security_context=api_pb2.LinuxSandboxSecurityContext(
                     namespace_options=api_pb2.NamespaceOption(pid=pid))))
 
@@ -78,42 +73,6 @@ class Bench:
         return (time.perf_counter() - t) * 1000
 
 
-def start_daemon(base: Path) -> tuple[subprocess.Popen[bytes], grpc.Channel]:
-    conf_dir = base / "net.d"
-    conf_dir.mkdir()
-    conf = cni.default_conflist(SUBNET, BRIDGE, data_dir=base / "ipam", name="cribbench")
-    (conf_dir / "10-bench.conflist").write_text(json.dumps(conf))
-    (base / "crib.toml").write_text(f"[network]\ncni_conf_dir = '{conf_dir}'\n")
-    sock = base / "run" / "crib.sock"
-    argv = [sys.executable, "-m", "cri", "--config", str(base / "crib.toml"), "--config-dir",
-            str(base / "d"), "--socket", str(sock), "--root", str(base / "root"), "--runroot",
-            str(base / "run"), "--log-level", "warning"]
-    proc = subprocess.Popen(argv, cwd=ROOT, stderr=(base / "crib.log").open("wb"),
-                            start_new_session=True)
-    while not sock.exists():
-        if proc.poll() is not None:
-            raise SystemExit((base / "crib.log").read_text())
-        time.sleep(0.01)
-    ch = grpc.insecure_channel(f"unix://{sock}")
-    stub = api_pb2_grpc.RuntimeServiceStub(ch)
-    while True:
-        try:
-            stub.ListPodSandbox(api_pb2.ListPodSandboxRequest(), timeout=5)
-            return proc, ch
-        except grpc.RpcError:
-            time.sleep(0.01)
-
-
-def cleanup_host(base: Path) -> None:
-    subprocess.run(["ip", "link", "del", BRIDGE], capture_output=True)
-    for root in (base / "run" / "ns", base / "run" / "pods"):
-        namespaces.release_root(root)
-    for h in Path("/sys/fs/cgroup").iterdir():
-        d = h / CGROUP_PARENT.strip("/")
-        if d.is_dir():
-            d.rmdir()
-
-
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=30, help="sequential RunPodSandbox calls")
@@ -124,7 +83,7 @@ def main() -> int:
         raise SystemExit("run as root")
     with tempfile.TemporaryDirectory(prefix="crib-bench-") as tmp:
         base = Path(tmp)
-        proc, ch = start_daemon(base)
+        proc, ch = start_daemon(base, NET)
         bench = Bench(api_pb2_grpc.RuntimeServiceStub(ch), args.shared_pid)
         ids: list[str] = []
         try:
@@ -161,7 +120,7 @@ def main() -> int:
             ch.close()
             os.kill(proc.pid, signal.SIGTERM)
             proc.wait(30)
-            cleanup_host(base)
+            cleanup_host(base, NET)
     print(json.dumps(result, indent=1))
     return 0
 
